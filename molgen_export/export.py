@@ -1,0 +1,440 @@
+"""The export pipeline: `export_step(step_dir, options) -> ExportReport`.
+
+discover -> run config -> read metadata -> map names -> check -> stream tensors into safetensors -> verify
+(on-disk files and logits) -> publish with one rename. CLI, watcher and runner only call this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from molgen_export import architecture, checks, dcp_read, discover, fidelity, hf_model, naming, run_config, write
+from molgen_export.config import ExportOptions
+from molgen_export.errors import ConfigError, MolgenExportError, StepLockedError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "export_report.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class ExportReport:
+    """What one export did (or, with `written=False`, would do). Saved as `export_report.json`."""
+
+    step: int
+    step_dir: str
+    output_dir: str
+    written: bool = False
+    status: str = "planned"
+    """`exported`, `planned` (dry run), `skipped` (already exported from the same source) or `failed`."""
+    source_fingerprint: str = ""
+    run_config: dict = field(default_factory=dict)
+    hf_assets: str = ""
+    hf_assets_overridden: bool = False
+    checkpoint_dtype: str = ""
+    export_dtype: str = ""
+    tied: bool | None = None
+    tensors: int = 0
+    hf_tensors: int = 0
+    model_bytes: int = 0
+    other_bytes: int = 0
+    """Optimizer, scheduler, dataloader and train-state bytes in the step (never read)."""
+    bytes_read: int = 0
+    output_bytes: int = 0
+    files: list[str] = field(default_factory=list)
+    key_rules: dict[str, int] = field(default_factory=dict)
+    architecture: dict = field(default_factory=dict)
+    findings: list[dict] = field(default_factory=list)
+    fidelity: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("exported", "planned", "skipped") and all(f["ok"] for f in self.findings)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shaped the export."""
+    import importlib.metadata as md
+
+    found = {}
+    for name in ("molgen-export", "torch", "torchtitan", "transformers", "safetensors"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def source_fingerprint(step_dir: Path) -> str:
+    """sha256 over `.metadata` (it carries DCP's unique save id) and the shard files' names and sizes."""
+    digest = hashlib.sha256()
+    digest.update((step_dir / discover.METADATA_FILE).read_bytes())
+    for path in sorted(step_dir.glob("*.distcp")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def output_dir_for(step_dir: Path, options: ExportOptions) -> Path:
+    """Where `step-N-hf/` goes: `--output`, `<checkpoint_root>-hf/` (default), or beside the step."""
+    name = f"{step_dir.name}-hf"
+    if options.output is not None:
+        return options.output / name
+    if options.layout == "beside":
+        return step_dir.parent / name
+    root = step_dir.parent
+    return root.parent / f"{root.name}-hf" / name
+
+
+def export_state(step_dir: Path, options: ExportOptions) -> str:
+    """`exported` (same source), `stale` (an export from another save of this step) or `missing`."""
+    report_path = output_dir_for(step_dir, options) / REPORT_FILE
+    if not report_path.is_file():
+        return "missing"
+    try:
+        recorded = json.loads(report_path.read_text()).get("source_fingerprint")
+        current = source_fingerprint(step_dir)
+    except (OSError, ValueError):
+        return "stale"
+    return "exported" if recorded == current else "stale"
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 4)
+            logger.info("%-9s %.2f s", name, time.perf_counter() - start)
+
+
+@contextmanager
+def step_lock(output_dir: Path):
+    """Hold `.step-N-hf.lock` beside the output so two processes never export one step at once.
+
+    Raises:
+        StepLockedError: another process holds it.
+    """
+    from filelock import FileLock, Timeout
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(output_dir.parent / f".{output_dir.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise StepLockedError(f"{output_dir.name} is being exported by another process", path=output_dir,
+                              hint="wait for it to finish; the export lock is released when that process ends") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@dataclass
+class _Plan:
+    """Everything decided before any tensor data is read."""
+
+    meta: dcp_read.StepMetadata
+    run: run_config.RunConfig
+    assets: Path
+    sources: dict[str, naming.TensorSource]
+    mapping: dict[str, str]
+    arch: architecture.Qwen3Arch
+    base_config: dict
+    export_dtype: torch.dtype
+    tokenizer_files: list[Path]
+    tokenizer_size: int | None
+
+
+def _plan(step_dir: Path, options: ExportOptions, report: ExportReport, timer: _Timer) -> _Plan:
+    with timer.stage("config"):
+        run = run_config.load_run_config(step_dir.parent, options.config)
+        report.run_config = {"path": str(run.source), "kind": run.kind, "flavor": run.flavor}
+        assets = options.hf_assets or run.hf_assets_path
+        report.hf_assets_overridden = options.hf_assets is not None
+        if assets is None:
+            raise ConfigError(f"the run config {run.source} names no hf_assets_path (nor a tokenizer path)",
+                              path=run.source, hint="pass the base assets folder with --hf-assets")
+        if not assets.is_dir():
+            raise ConfigError(f"the base assets folder {assets} (from {'--hf-assets' if options.hf_assets else run.source}) "
+                              "does not exist", path=assets,
+                              hint="pass the folder holding the Qwen3 config.json and tokenizer with --hf-assets")
+        report.hf_assets = str(assets)
+        base_config = architecture.read_base_hf_config(assets)
+        tokenizer_files = hf_model.tokenizer_files(assets)
+        tokenizer_size = hf_model.tokenizer_size(assets)
+    with timer.stage("metadata"):
+        meta = dcp_read.read_step_metadata(step_dir)
+        dcp_read.check_shard_files(meta)
+    if not meta.model:
+        raise ConfigError(f"{step_dir} holds no model tensors (only {meta.other_keys} optimizer/state entries)",
+                          path=step_dir, hint="the step was saved without the model; pick another step")
+    with timer.stage("map"):
+        dims = run.dims if run.dims.n_heads else (architecture.dims_from_flavor(run.model_name, run.flavor)
+                                                  or architecture.dims_from_hf_config(base_config))
+        if run.dims.moe:
+            raise ConfigError(f"the run config {run.source} describes a Qwen3 MoE model, which this release does "
+                              "not export yet", path=run.source, hint="export a dense Qwen3 run")
+        sources, rules = naming.canonicalize_keys({k: e.shape for k, e in meta.model.items()}, n_heads=dims.n_heads,
+                                                  n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim)
+        facts = architecture.facts_from_shapes({k: s.shape for k, s in sources.items()})
+        arch, warnings = architecture.resolve_architecture(run, facts, base_config)
+        mapping = naming.map_to_hf(sources, arch.titan_model_config())
+    report.key_rules = rules
+    report.warnings.extend(warnings)
+    report.architecture = asdict(arch)
+    dtype_name = options.dtype or run.compute_dtype
+    if dtype_name not in DTYPES:
+        raise ConfigError(f"the run's dtype {dtype_name!r} is not an export dtype", hint="pass --dtype bfloat16")
+    checkpoint_dtypes = sorted({str(e.dtype).removeprefix("torch.") for e in meta.model.values()})
+    report.checkpoint_dtype = ",".join(checkpoint_dtypes)
+    report.export_dtype = dtype_name
+    report.tensors = len(meta.model)
+    report.model_bytes = meta.model_bytes
+    report.other_bytes = meta.other_bytes
+    if run.keep_latest_k and options.layout == "beside" and options.output is None:
+        report.warnings.append(
+            f"--layout beside writes into the checkpoint folder, and this run purges with keep_latest_k="
+            f"{run.keep_latest_k}: TorchTitan counts `{step_dir.name}-hf` as a checkpoint (pattern step-(\\d+)), "
+            "may delete it and may resume from it")
+    return _Plan(meta, run, assets, sources, mapping, arch, base_config, DTYPES[dtype_name], tokenizer_files,
+                 tokenizer_size)
+
+
+def _metadata_checks(plan: _Plan, tie: bool | None) -> list[checks.Finding]:
+    shapes = {k: s.shape for k, s in plan.sources.items()}
+    hf_keys = {plan.mapping[k] for k in plan.sources if not (tie and k == "lm_head.weight")}
+    with_head = not tie if tie is not None else "lm_head.weight" in plan.sources
+    return [
+        checks.check_key_coverage(hf_keys, naming.expected_hf_keys(plan.arch.n_layers, with_head=with_head)),
+        checks.check_embedding_shapes(shapes, plan.arch.vocab_size, plan.arch.dim),
+        checks.check_vocab_padding(plan.arch.vocab_size, plan.tokenizer_size),
+    ]
+
+
+def _read_source(plan: _Plan, source: naming.TensorSource, tensor: torch.Tensor) -> torch.Tensor:
+    if source.part is None:
+        return tensor
+    return naming.split_fused_qkv(tensor, source.part, n_heads=plan.arch.n_heads, n_kv_heads=plan.arch.n_kv_heads,
+                                  head_dim=plan.arch.head_dim)
+
+
+def plan_step(step_dir: Path, options: ExportOptions | None = None) -> ExportReport:
+    """Dry run: read metadata and configs only, run the metadata checks, write nothing."""
+    return export_step(step_dir, ExportOptions(**{**(options or ExportOptions()).__dict__, "dry_run": True}))
+
+
+def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportReport:
+    """Export one complete DCP step folder to a verified HF folder, or explain why not.
+
+    Args:
+        step_dir: a `step-N` folder holding `.metadata` and `*.distcp` shards.
+        options: export options; defaults when None.
+
+    Returns:
+        The report (also written as `export_report.json` in the export).
+
+    Raises:
+        MolgenExportError: any refusal; nothing is published when one is raised.
+    """
+    options = options or ExportOptions()
+    step_dir = Path(step_dir)
+    info = discover.describe_step(step_dir)
+    discover.require_dcp(info)
+    output_dir = output_dir_for(step_dir, options)
+    report = ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir), versions=versions())
+    timer = _Timer(report.timings)
+    started = time.perf_counter()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    report.source_fingerprint = source_fingerprint(step_dir)
+    plan = _plan(step_dir, options, report, timer)
+    meta_findings = _metadata_checks(plan, None)
+    report.findings = [f.to_json() for f in meta_findings]
+    if options.dry_run:
+        report.hf_tensors = len(plan.mapping)
+        report.status = "planned"
+        report.timings["total"] = round(time.perf_counter() - started, 4)
+        return report
+    checks.raise_on_failures(meta_findings, step_dir.name)
+    with step_lock(output_dir):
+        write.clean_stale_temp_dirs(output_dir.parent, output_dir.name)
+        temp_dir = write.make_temp_dir(output_dir.parent, output_dir.name)
+        try:
+            _export_into(plan, options, report, timer, temp_dir)
+            with timer.stage("publish"):
+                report.timings["total"] = round(time.perf_counter() - started, 4)
+                report.status = "exported"
+                report.written = True
+                write.write_json(temp_dir / REPORT_FILE, report.to_json())
+                write.publish(temp_dir, output_dir)
+        except BaseException:
+            write.remove_tree(temp_dir)
+            raise
+    logger.info("%s exported to %s in %.2f s", step_dir.name, output_dir, report.timings["total"])
+    return report
+
+
+def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, temp_dir: Path) -> None:
+    counter = dcp_read.ByteCounter()
+    verify = not options.skip_logits
+    titan_state: dict[str, torch.Tensor] = {}
+    dtype = plan.export_dtype
+    source_by_key: dict[str, list[naming.TensorSource]] = {}
+    for source in plan.sources.values():
+        source_by_key.setdefault(source.checkpoint_key, []).append(source)
+
+    with timer.stage("read"):
+        # Head and embedding first: whether the head is written depends on their values.
+        embed_source = plan.sources["tok_embeddings.weight"]
+        head_source = plan.sources.get("lm_head.weight")
+        embedding = dcp_read.read_tensor(plan.meta, embed_source.checkpoint_key, counter)
+        head = dcp_read.read_tensor(plan.meta, head_source.checkpoint_key, counter) if head_source else None
+    tie_finding, tie = checks.check_tied_weights(embedding, head, plan.arch.tie_word_embeddings)
+    if tie_finding.warning:
+        report.warnings.append(tie_finding.detail)
+    findings = _metadata_checks(plan, tie) + [tie_finding]
+    checks.raise_on_failures(findings, Path(report.step_dir).name)
+    report.tied = tie
+
+    written_sources = [s for k, s in plan.sources.items() if not (tie and k == "lm_head.weight")]
+    planned = [write.PlannedTensor(plan.mapping[s.titan_key], s.shape, dtype) for s in written_sources]
+    shards = write.plan_shards(planned, options.max_shard_bytes)
+    writer = write.SafetensorsWriter(temp_dir, shards)
+    nonfinite: list[tuple[str, str, int, int]] = []
+
+    def emit(source: naming.TensorSource, value: torch.Tensor) -> None:
+        nan, inf = checks.count_nonfinite(value)
+        hf_key = plan.mapping[source.titan_key]
+        if nan or inf:
+            nonfinite.append((source.checkpoint_key, hf_key, nan, inf))
+        rounded = value.to(dtype)
+        if source.titan_key == "lm_head.weight" and tie:
+            pass
+        else:
+            writer.write(hf_key, rounded)
+        if verify:
+            titan_state[source.titan_key] = rounded
+
+    try:
+        with timer.stage("write"):
+            emit(embed_source, embedding)
+            if head_source is not None:
+                emit(head_source, head)
+            del embedding, head
+            rest = [key for key in plan.meta.model
+                    if key not in (embed_source.checkpoint_key, getattr(head_source, "checkpoint_key", None))]
+            for checkpoint_key, tensor in dcp_read.iter_tensors(plan.meta, rest, counter):
+                for source in source_by_key[checkpoint_key]:
+                    emit(source, _read_source(plan, source, tensor))
+            report.bytes_read = counter.bytes
+            findings.append(checks.nonfinite_finding(nonfinite, len(plan.sources)))
+            checks.raise_on_failures(findings, Path(report.step_dir).name)
+            report.files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+    with timer.stage("assets"):
+        hf_config = hf_model.build_hf_config(plan.base_config, plan.arch, tie=tie, dtype=report.export_dtype)
+        generation = hf_model.build_generation_config(plan.assets, hf_config)
+        report.warnings.extend(hf_model.reconcile_special_tokens(hf_config, generation,
+                                                                 hf_model.special_token_ids(plan.assets)))
+        write.write_json(temp_dir / "config.json", hf_config)
+        write.write_json(temp_dir / "generation_config.json", generation)
+        report.files += ["config.json", "generation_config.json"]
+        report.files += write.copy_files(plan.tokenizer_files, temp_dir)
+
+    with timer.stage("verify"):
+        findings.append(fidelity.check_written_tensors(temp_dir, {t.hf_key: t for t in planned}))
+        checks.raise_on_failures(findings, Path(report.step_dir).name)
+        if verify:
+            limit = plan.tokenizer_size or plan.arch.vocab_size
+            result = fidelity.verify_logits(plan.arch, titan_state, temp_dir, tie=tie,
+                                            vocab_limit=min(limit, plan.arch.vocab_size),
+                                            tolerance=options.logits_atol, device=options.device)
+            report.fidelity = result.to_json()
+            findings.append(checks.Finding(
+                "logits", result.passed,
+                f"max|Δ| {result.max_abs_diff:.3g} (limit {result.tolerance:.3g}), mean|Δ| {result.mean_abs_diff:.3g}, "
+                f"top-1 agreement {result.top1_agreement:.4f} over {result.tokens} tokens"))
+        else:
+            findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
+        report.findings = [f.to_json() for f in findings]
+        checks.raise_on_failures(findings, Path(report.step_dir).name)
+    titan_state.clear()
+    report.hf_tensors = len(planned)
+    report.output_bytes = sum((temp_dir / name).stat().st_size for name in report.files)
+    write.write_text(temp_dir / "README.md", model_card(report))
+    report.files += ["README.md", REPORT_FILE]
+
+
+def model_card(report: ExportReport) -> str:
+    """A README.md for the export: where it came from, what was checked, how well it matches."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [qwen3, torchtitan, molgen-export]",
+        "---",
+        f"# {Path(report.step_dir).parent.parent.name or 'run'} / {Path(report.step_dir).name}",
+        "",
+        f"Exported by molgen_export {report.versions.get('molgen-export', '?')} from the TorchTitan DCP checkpoint "
+        f"`{report.step_dir}` (step {report.step}, source fingerprint `{report.source_fingerprint[:16]}`).",
+        "",
+        f"- dtype: checkpoint {report.checkpoint_dtype} -> export {report.export_dtype}",
+        f"- tied embeddings: {report.tied}",
+        f"- run config: `{report.run_config.get('path')}` ({report.run_config.get('kind')})",
+        f"- base assets: `{report.hf_assets}`{' (overridden with --hf-assets)' if report.hf_assets_overridden else ''}",
+        "",
+        "## Checks",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+    ]
+    for finding in report.findings:
+        result = "ok" if finding["ok"] else "FAILED"
+        if finding.get("warning"):
+            result += " (warning)"
+        lines.append(f"| {finding['name']} | {result} | {finding['detail'].replace('|', '/')} |")
+    if report.fidelity:
+        fid = report.fidelity
+        lines += ["", "## Fidelity", "",
+                  f"TorchTitan model vs this folder loaded with transformers, float32, {fid['tokens']} tokens in "
+                  f"{fid['sequences']} sequences: max|Δlogit| {fid['max_abs_diff']:.3g}, mean {fid['mean_abs_diff']:.3g}, "
+                  f"top-1 agreement {fid['top1_agreement']:.4f}."]
+    if report.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
+    lines += ["", "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")',
+              "tokenizer = AutoTokenizer.from_pretrained(path)", "```", ""]
+    return "\n".join(lines)
+
+
+def failed_report(step_dir: Path, options: ExportOptions, error: MolgenExportError | Exception) -> ExportReport:
+    """A report for a step that could not be exported (for `--json` and the watcher's failure records)."""
+    number = discover.step_number(step_dir)
+    report = ExportReport(step=number if number is not None else -1, step_dir=str(step_dir),
+                          output_dir=str(output_dir_for(step_dir, options)), status="failed", error=str(error))
+    if isinstance(error, VerificationError):
+        report.findings = [f.to_json() for f in error.findings]
+    return report

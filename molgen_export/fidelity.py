@@ -1,0 +1,184 @@
+"""Logit verification: the TorchTitan Qwen3 model (weights from the checkpoint) against the HF model loaded from
+the files just written, on the same tokens, in float32 from the same rounded weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from molgen_export.architecture import Qwen3Arch
+from molgen_export.errors import VerificationError
+
+logger = logging.getLogger(__name__)
+
+PROMPT = "The quick brown fox jumps over the lazy dog. CC(=O)Oc1ccccc1C(=O)O"
+"""One real prompt tokenized by the exported tokenizer, beside random ids, so tokenizer mistakes surface."""
+
+
+@dataclass(frozen=True)
+class FidelityResult:
+    """Figures of the logit comparison (float32, logits restricted to the tokenizer's ids)."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float
+    logit_scale: float
+    """max|logit| of the TorchTitan model: the tolerance is relative to it."""
+    tolerance: float
+    tokens: int
+    sequences: int
+    device: str
+    passed: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def fixed_token_batch(vocab_limit: int, *, batch: int = 2, length: int = 32, seed: int = 1234) -> torch.Tensor:
+    """A reproducible batch of random token ids below `vocab_limit`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_limit, (batch, length), generator=generator)
+
+
+def build_titan_model(arch: Qwen3Arch, titan_state: dict[str, torch.Tensor], *, tie: bool,
+                      device: str = "cpu") -> torch.nn.Module:
+    """The TorchTitan Qwen3 model with these weights, in float32.
+
+    `load_state_dict` is used (not copies into `state_dict()` tensors) so a fused QKV parameter would be updated.
+    """
+    config = arch.titan_model_config(tie=tie)
+    with torch.device("meta"):
+        model = config.build()
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.init_states(buffer_device=torch.device(device))
+    state = {k: v.to(device=device, dtype=torch.float32) for k, v in titan_state.items()}
+    if tie:
+        state.setdefault("lm_head.weight", state["tok_embeddings.weight"])
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_hf_model(hf_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """Load the exported folder the way users will, refusing any missing or unexpected key.
+
+    Raises:
+        VerificationError: transformers reports missing, unexpected or mismatched keys.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True,
+                                                       attn_implementation="sdpa")
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise VerificationError(f"transformers loaded {hf_dir} with {problems}",
+                                hint="the export does not match Qwen3ForCausalLM; this is a bug, please report it")
+    return model.to(device).eval()
+
+
+def compare_logits(titan_model: torch.nn.Module, hf_model: torch.nn.Module, token_batches: list[torch.Tensor],
+                   vocab_limit: int, *, tolerance: float, device: str = "cpu") -> FidelityResult:
+    """Run both models on each batch and compare logits on `[:vocab_limit]`."""
+    max_diff = 0.0
+    total_diff = 0.0
+    count = 0
+    agree = 0
+    positions = 0
+    scale = 0.0
+    sequences = 0
+    with torch.no_grad():
+        for tokens in token_batches:
+            tokens = tokens.to(device)
+            titan_logits = titan_model(tokens).float()[..., :vocab_limit]
+            hf_logits = hf_model(input_ids=tokens).logits.float()[..., :vocab_limit]
+            diff = (titan_logits - hf_logits).abs()
+            max_diff = max(max_diff, diff.max().item())
+            total_diff += diff.sum().item()
+            count += diff.numel()
+            agree += (titan_logits.argmax(-1) == hf_logits.argmax(-1)).sum().item()
+            positions += tokens.numel()
+            scale = max(scale, titan_logits.abs().max().item())
+            sequences += tokens.shape[0]
+    limit = tolerance * max(1.0, scale)
+    return FidelityResult(max_abs_diff=max_diff, mean_abs_diff=total_diff / max(count, 1),
+                          top1_agreement=agree / max(positions, 1), logit_scale=scale, tolerance=limit,
+                          tokens=positions, sequences=sequences, device=device, passed=max_diff <= limit)
+
+
+def prompt_tokens(hf_dir: Path) -> torch.Tensor:
+    """The fixed prompt tokenized by the exported tokenizer loaded through `AutoTokenizer`.
+
+    Raises:
+        VerificationError: the exported tokenizer does not load.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    except Exception as exc:
+        raise VerificationError(f"AutoTokenizer cannot load the tokenizer in {hf_dir}: {exc}",
+                                hint="check the tokenizer files in the base assets folder") from exc
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    return ids
+
+
+def verify_logits(arch: Qwen3Arch, titan_state: dict[str, torch.Tensor], hf_dir: Path, *, tie: bool,
+                  vocab_limit: int, tolerance: float, device: str = "cpu") -> FidelityResult:
+    """Build both models and compare them on 2 x 32 random ids plus one real tokenized prompt."""
+    titan_model = build_titan_model(arch, titan_state, tie=tie, device=device)
+    hf_model = load_hf_model(hf_dir, device)
+    batches = [fixed_token_batch(vocab_limit)]
+    prompt = prompt_tokens(hf_dir)
+    if prompt.numel() and int(prompt.max()) < arch.vocab_size:
+        batches.append(prompt)
+    result = compare_logits(titan_model, hf_model, batches, vocab_limit, tolerance=tolerance, device=device)
+    logger.info("logits: max|Δ| %.3g mean|Δ| %.3g top-1 %.4f over %d tokens", result.max_abs_diff,
+                result.mean_abs_diff, result.top1_agreement, result.tokens)
+    return result
+
+
+def check_written_tensors(hf_dir: Path, planned: dict):
+    """Re-open the written safetensors files and check names, dtypes, shapes and the `format: pt` header.
+
+    Args:
+        hf_dir: the folder just written.
+        planned: hf_key -> object with `.dtype` and `.shape` (what was meant to be written).
+
+    Returns:
+        A `checks.Finding` named `written_files`.
+    """
+    import json as _json
+
+    from safetensors import safe_open
+
+    from molgen_export.checks import Finding
+
+    index = hf_dir / "model.safetensors.index.json"
+    files = sorted({*(_json.loads(index.read_text())["weight_map"].values())}) if index.is_file() else ["model.safetensors"]
+    seen: dict[str, tuple] = {}
+    problems = []
+    for name in files:
+        with safe_open(hf_dir / name, framework="pt") as handle:
+            if (handle.metadata() or {}).get("format") != "pt":
+                problems.append(f"{name} header lacks format=pt")
+            for key in handle.keys():
+                sl = handle.get_slice(key)
+                seen[key] = (sl.get_dtype(), tuple(sl.get_shape()))
+    dtype_codes = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32"}
+    for key, want in planned.items():
+        got = seen.get(key)
+        if got is None:
+            problems.append(f"`{key}` missing from the files")
+        elif got != (dtype_codes.get(str(want.dtype), str(want.dtype)), tuple(want.shape)):
+            problems.append(f"`{key}` written as {got[0]} {list(got[1])}, planned {want.dtype} {list(want.shape)}")
+    extra = sorted(set(seen) - set(planned))
+    if extra:
+        problems.append(f"unplanned tensors in the files: {extra[:5]}")
+    if problems:
+        return Finding("written_files", False, "; ".join(problems[:10]))
+    dtypes = sorted({v[0] for v in seen.values()})
+    return Finding("written_files", True, f"{len(seen)} tensors in {len(files)} file(s) re-read: names, shapes and "
+                                          f"dtype {','.join(dtypes)} as planned")

@@ -1,0 +1,284 @@
+"""Find and read a run's config (`<checkpoint_root>/config.json`, else the run's `job_config.json`) into a RunConfig.
+
+Understands TorchTitan 0.3 dumps (`Trainer.Config.to_dict()`), 0.2-style dicts (`job`/`model`/`training`
+sections, a flavor and no dims), and the `config.json` the runner writes into the checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from molgen_export.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+RUNNER_CONFIG_FORMAT = "molgen_export.run_config/1"
+"""`format` value of the checkpoint-folder config.json the runner writes."""
+
+JOB_CONFIG_NAME = "job_config.json"
+CHECKPOINT_CONFIG_NAME = "config.json"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Dense Qwen3 dimensions as a run config states them (any may be None when the source is silent)."""
+
+    vocab_size: int | None = None
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_dim: int | None = None
+    norm_eps: float | None = None
+    rope_theta: float | None = None
+    max_seq_len: int | None = None
+    tie_word_embeddings: bool | None = None
+    fused_qkv: bool | None = None
+    moe: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the export needs to know about the training run, normalized from whichever file held it."""
+
+    source: Path
+    """The config file that was read."""
+    kind: str
+    """`titan-0.3`, `titan-0.2` or `runner` (the checkpoint-folder config.json)."""
+    model_name: str | None
+    flavor: str | None
+    dims: ModelDims
+    seq_len: int | None
+    training_dtype: str | None
+    mixed_precision_param: str | None
+    hf_assets_path: Path | None
+    tokenizer_path: Path | None
+    keep_latest_k: int | None
+    checkpoint_folder: str | None
+    launch_dir: Path | None
+    job_config_path: Path | None
+    custom_import: str | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype training computed in: `training.dtype` when bf16, else `mixed_precision_param`."""
+        if self.training_dtype == "bfloat16":
+            return "bfloat16"
+        return self.mixed_precision_param or "bfloat16"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, Path):
+                data[key] = str(value)
+        data["warnings"] = list(self.warnings)
+        return data
+
+
+def _get(data: dict, *path: str, default=None):
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return default
+        data = data[key]
+    return data
+
+
+def _launch_dir_for(job_config: Path, dump_folder: str | None) -> Path:
+    """The directory training ran in: the dump folder's parent chain when dump_folder is relative."""
+    folder = job_config.parent.resolve()
+    if dump_folder and not Path(dump_folder).is_absolute():
+        depth = len([p for p in Path(dump_folder).parts if p not in (".", "")])
+        for _ in range(depth):
+            folder = folder.parent
+    return folder
+
+
+def _resolve(path_text: str | None, launch_dir: Path | None) -> Path | None:
+    if not path_text:
+        return None
+    path = Path(path_text).expanduser()
+    if path.is_absolute() or launch_dir is None:
+        return path
+    return (launch_dir / path).resolve()
+
+
+def _dims_from_titan03_model(model: dict) -> ModelDims:
+    layers = model.get("layers") or []
+    first = layers[0] if layers else {}
+    attention = first.get("attention") or {}
+    qkv = attention.get("qkv_linear") or {}
+    rope = attention.get("rope") or {}
+    ffn = first.get("feed_forward") or {}
+    moe = any((layer or {}).get("moe") for layer in layers)
+    return ModelDims(
+        vocab_size=model.get("vocab_size"),
+        dim=model.get("dim"),
+        n_layers=len(layers) or None,
+        n_heads=attention.get("n_heads"),
+        n_kv_heads=attention.get("n_kv_heads") or attention.get("n_heads"),
+        head_dim=attention.get("head_dim") or qkv.get("head_dim"),
+        hidden_dim=_get(ffn, "w1", "out_features"),
+        norm_eps=_get(model, "norm", "eps"),
+        rope_theta=rope.get("theta"),
+        max_seq_len=rope.get("max_seq_len"),
+        tie_word_embeddings=model.get("enable_weight_tying"),
+        fused_qkv="wqkv" in qkv if qkv else None,
+        moe=bool(moe),
+    )
+
+
+def parse_run_config(data: dict, source: Path) -> RunConfig:
+    """Normalize a config dict read from `source` into a RunConfig.
+
+    Raises:
+        ConfigError: the dict is none of the understood shapes.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} does not hold a JSON object", path=source)
+    if data.get("format") == RUNNER_CONFIG_FORMAT:
+        launch_dir = Path(data["launch_dir"]) if data.get("launch_dir") else source.parent
+        dims = ModelDims(**{k: v for k, v in (data.get("dims") or {}).items() if k in ModelDims.__dataclass_fields__})
+        return RunConfig(
+            source=source, kind="runner", model_name=data.get("model_name"), flavor=data.get("flavor"), dims=dims,
+            seq_len=data.get("seq_len"), training_dtype=data.get("training_dtype"),
+            mixed_precision_param=data.get("mixed_precision_param"),
+            hf_assets_path=_resolve(data.get("hf_assets_path"), launch_dir),
+            tokenizer_path=_resolve(data.get("tokenizer_path"), launch_dir),
+            keep_latest_k=data.get("keep_latest_k"), checkpoint_folder=data.get("checkpoint_folder"),
+            launch_dir=launch_dir, job_config_path=_resolve(data.get("job_config_path"), launch_dir),
+            custom_import=data.get("custom_import"))
+    if "model_spec" in data:  # TorchTitan 0.3 Trainer.Config.to_dict()
+        spec = data.get("model_spec") or {}
+        launch_dir = _launch_dir_for(source, data.get("dump_folder"))
+        hf_assets = data.get("hf_assets_path")
+        return RunConfig(
+            source=source, kind="titan-0.3", model_name=spec.get("name"), flavor=spec.get("flavor"),
+            dims=_dims_from_titan03_model(spec.get("model") or {}),
+            seq_len=_get(data, "training", "seq_len"), training_dtype=_get(data, "training", "dtype"),
+            mixed_precision_param=_get(data, "training", "mixed_precision_param"),
+            hf_assets_path=_resolve(hf_assets, launch_dir),
+            tokenizer_path=_resolve(_get(data, "tokenizer", "path") or hf_assets, launch_dir),
+            keep_latest_k=_get(data, "checkpoint", "keep_latest_k"),
+            checkpoint_folder=_get(data, "checkpoint", "folder"), launch_dir=launch_dir, job_config_path=source)
+    if "model" in data and isinstance(data["model"], dict) and ("name" in data["model"] or "flavor" in data["model"]):
+        model = data["model"]
+        launch_dir = _launch_dir_for(source, _get(data, "job", "dump_folder"))
+        hf_assets = model.get("hf_assets_path")
+        tokenizer = model.get("tokenizer_path") or hf_assets
+        return RunConfig(
+            source=source, kind="titan-0.2", model_name=model.get("name"), flavor=model.get("flavor"),
+            dims=ModelDims(), seq_len=_get(data, "training", "seq_len"),
+            training_dtype=_get(data, "training", "dtype"),
+            mixed_precision_param=_get(data, "training", "mixed_precision_param"),
+            hf_assets_path=_resolve(hf_assets or tokenizer, launch_dir),
+            tokenizer_path=_resolve(tokenizer, launch_dir),
+            keep_latest_k=_get(data, "checkpoint", "keep_latest_k"),
+            checkpoint_folder=_get(data, "checkpoint", "folder"), launch_dir=launch_dir, job_config_path=source,
+            custom_import=_get(data, "experimental", "custom_import"))
+    raise ConfigError(f"{source} is not a TorchTitan job config (no `model_spec` nor `model.name`) "
+                      "and not a molgen_export run config", path=source,
+                      hint="pass the run's job_config.json with --config")
+
+
+def read_config_file(path: Path) -> RunConfig:
+    """Read one config file (JSON, or TOML for TorchTitan 0.2 job files).
+
+    Raises:
+        ConfigError: unreadable or not understood.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read run config {path}: {exc.strerror or exc}", path=path) from exc
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"run config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}", path=path,
+                          hint="fix the file or point --config at the run's job_config.json") from exc
+    return parse_run_config(data, path)
+
+
+def find_run_config(checkpoint_root: Path) -> Path | None:
+    """`<checkpoint_root>/config.json`, else a `job_config.json` in the run's dump folder above it."""
+    own = checkpoint_root / CHECKPOINT_CONFIG_NAME
+    if own.is_file():
+        return own
+    folder = checkpoint_root.resolve()
+    for _ in range(3):
+        folder = folder.parent
+        candidate = folder / JOB_CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_run_config(checkpoint_root: Path, explicit: Path | None = None) -> RunConfig:
+    """Load the run config for a checkpoint root.
+
+    Args:
+        checkpoint_root: the folder holding `step-N` folders.
+        explicit: a config file given by the user (`--config`), used instead of the search.
+
+    Raises:
+        ConfigError: no config found, or it cannot be read.
+    """
+    path = explicit or find_run_config(checkpoint_root)
+    if path is None:
+        raise ConfigError(
+            f"no run config for {checkpoint_root}: looked for {checkpoint_root / CHECKPOINT_CONFIG_NAME} "
+            f"and a {JOB_CONFIG_NAME} in the run's folders above it", path=checkpoint_root,
+            hint="launch training through `python -m molgen_export.runner` (it writes both), "
+                 "or pass the run's job config with --config")
+    config = read_config_file(path)
+    if config.kind == "runner" and config.job_config_path and not config.dims.dim and config.job_config_path.is_file():
+        # the runner's file points at the full job config; take the dims from there when it has them
+        job = read_config_file(config.job_config_path)
+        config = RunConfig(**{**config.__dict__, "dims": job.dims})
+    return config
+
+
+def write_checkpoint_config(checkpoint_root: Path, job_config: Path, *, launch_dir: Path | None = None) -> Path:
+    """Write `<checkpoint_root>/config.json`: what the export needs, normalized, and where job_config.json is.
+
+    Written to a temporary name and renamed into place, so readers never see half a file.
+
+    Returns:
+        The path written.
+    """
+    import os
+
+    job = read_config_file(job_config)
+    launch = launch_dir or job.launch_dir
+    data = {
+        "format": RUNNER_CONFIG_FORMAT,
+        "job_config_path": str(job_config.resolve()),
+        "launch_dir": str(launch.resolve()) if launch else None,
+        "source_kind": job.kind,
+        "model_name": job.model_name,
+        "flavor": job.flavor,
+        "dims": asdict(job.dims),
+        "seq_len": job.seq_len,
+        "training_dtype": job.training_dtype,
+        "mixed_precision_param": job.mixed_precision_param,
+        "hf_assets_path": str(job.hf_assets_path) if job.hf_assets_path else None,
+        "tokenizer_path": str(job.tokenizer_path) if job.tokenizer_path else None,
+        "keep_latest_k": job.keep_latest_k,
+        "checkpoint_folder": job.checkpoint_folder,
+        "custom_import": job.custom_import,
+    }
+    target = checkpoint_root / CHECKPOINT_CONFIG_NAME
+    temp = checkpoint_root / f".{CHECKPOINT_CONFIG_NAME}.tmp-{os.getpid()}"
+    temp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temp, target)
+    return target
