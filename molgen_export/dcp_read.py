@@ -115,6 +115,22 @@ class StepMetadata:
     def model_bytes(self) -> int:
         return sum(e.stored_bytes for e in self.model.values())
 
+    @property
+    def label(self) -> str:
+        return self.step_dir.name
+
+    def check_files(self) -> None:
+        """Refuse missing or truncated shards (see `check_shard_files`)."""
+        check_shard_files(self)
+
+    def read(self, fqn: str, counter: ByteCounter | None = None) -> torch.Tensor:
+        """One model tensor, chunks reassembled."""
+        return read_tensor(self, fqn, counter)
+
+    def iter(self, fqns: Iterable[str], counter: ByteCounter | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(fqn, tensor)` pairs in order, read ahead on a thread."""
+        return iter_tensors(self, fqns, counter)
+
 
 def is_model_key(fqn: str) -> bool:
     """True for a model FQN, False for TorchTitan's optimizer/scheduler/dataloader/train_state entries."""

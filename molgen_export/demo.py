@@ -168,7 +168,7 @@ def job_config_dict(arch: Qwen3Arch, *, flavor: str, hf_assets_path: str, dump_f
             model_spec=spec, hf_assets_path=hf_assets_path, dump_folder=dump_folder,
             training=TrainingConfig(local_batch_size=4, seq_len=seq_len, steps=20),
             checkpoint=CheckpointManager.Config(interval=10, folder=checkpoint_folder, keep_latest_k=keep_latest_k,
-                                                last_save_model_only=False))
+                                                last_save_model_only=False, initial_load_model_only=False))
     return json.loads(json.dumps(config.to_dict(), default=repr))
 
 

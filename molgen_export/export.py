@@ -155,6 +155,7 @@ class _Plan:
     """Everything decided before any tensor data is read."""
 
     meta: dcp_read.StepMetadata
+    """The tensor source (a DCP step, or any object with the same interface; see `plan_source`)."""
     run: run_config.RunConfig
     assets: Path
     sources: dict[str, naming.TensorSource]
@@ -169,6 +170,22 @@ class _Plan:
 def _plan(step_dir: Path, options: ExportOptions, report: ExportReport, timer: _Timer) -> _Plan:
     with timer.stage("config"):
         run = run_config.load_run_config(step_dir.parent, options.config)
+    with timer.stage("metadata"):
+        meta = dcp_read.read_step_metadata(step_dir)
+    return plan_source(meta, run, options, report, timer)
+
+
+def plan_source(meta, run: run_config.RunConfig, options: ExportOptions, report: ExportReport,
+                timer: _Timer) -> _Plan:
+    """Decide everything about an export before reading tensor data.
+
+    Args:
+        meta: the tensor source: a `dcp_read.StepMetadata`, or any object with the same `model` (key ->
+            entry with `shape`, `dtype`, `stored_bytes`), `model_bytes`, `other_bytes`, `other_keys`, `label`,
+            `check_files()`, `read(key, counter)` and `iter(keys, counter)`.
+        run: the run config.
+    """
+    with timer.stage("config"):
         report.run_config = {"path": str(run.source), "kind": run.kind, "flavor": run.flavor}
         assets = options.hf_assets or run.hf_assets_path
         report.hf_assets_overridden = options.hf_assets is not None
@@ -184,11 +201,10 @@ def _plan(step_dir: Path, options: ExportOptions, report: ExportReport, timer: _
         tokenizer_files = hf_model.tokenizer_files(assets)
         tokenizer_size = hf_model.tokenizer_size(assets)
     with timer.stage("metadata"):
-        meta = dcp_read.read_step_metadata(step_dir)
-        dcp_read.check_shard_files(meta)
+        meta.check_files()
     if not meta.model:
-        raise ConfigError(f"{step_dir} holds no model tensors (only {meta.other_keys} optimizer/state entries)",
-                          path=step_dir, hint="the step was saved without the model; pick another step")
+        raise ConfigError(f"{meta.label} holds no model tensors (only {meta.other_keys} optimizer/state entries)",
+                          hint="the step was saved without the model; pick another step")
     with timer.stage("map"):
         dims = run.dims if run.dims.n_heads else (architecture.dims_from_flavor(run.model_name, run.flavor)
                                                   or architecture.dims_from_hf_config(base_config))
@@ -215,7 +231,7 @@ def _plan(step_dir: Path, options: ExportOptions, report: ExportReport, timer: _
     if run.keep_latest_k and options.layout == "beside" and options.output is None:
         report.warnings.append(
             f"--layout beside writes into the checkpoint folder, and this run purges with keep_latest_k="
-            f"{run.keep_latest_k}: TorchTitan counts `{step_dir.name}-hf` as a checkpoint (pattern step-(\\d+)), "
+            f"{run.keep_latest_k}: TorchTitan counts `{meta.label}-hf` as a checkpoint (pattern step-(\\d+)), "
             "may delete it and may resume from it")
     return _Plan(meta, run, assets, sources, mapping, arch, base_config, DTYPES[dtype_name], tokenizer_files,
                  tokenizer_size)
@@ -277,6 +293,12 @@ def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportR
         report.timings["total"] = round(time.perf_counter() - started, 4)
         return report
     checks.raise_on_failures(meta_findings, step_dir.name)
+    return export_planned(plan, options, report, timer, output_dir, started)
+
+
+def export_planned(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, output_dir: Path,
+                   started: float) -> ExportReport:
+    """Stream, check, write, verify and publish a planned export into `output_dir` (under its lock)."""
     with step_lock(output_dir):
         write.clean_stale_temp_dirs(output_dir.parent, output_dir.name)
         temp_dir = write.make_temp_dir(output_dir.parent, output_dir.name)
@@ -291,7 +313,7 @@ def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportR
         except BaseException:
             write.remove_tree(temp_dir)
             raise
-    logger.info("%s exported to %s in %.2f s", step_dir.name, output_dir, report.timings["total"])
+    logger.info("%s exported to %s in %.2f s", plan.meta.label, output_dir, report.timings["total"])
     return report
 
 
@@ -308,13 +330,13 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
         # Head and embedding first: whether the head is written depends on their values.
         embed_source = plan.sources["tok_embeddings.weight"]
         head_source = plan.sources.get("lm_head.weight")
-        embedding = dcp_read.read_tensor(plan.meta, embed_source.checkpoint_key, counter)
-        head = dcp_read.read_tensor(plan.meta, head_source.checkpoint_key, counter) if head_source else None
+        embedding = plan.meta.read(embed_source.checkpoint_key, counter)
+        head = plan.meta.read(head_source.checkpoint_key, counter) if head_source else None
     tie_finding, tie = checks.check_tied_weights(embedding, head, plan.arch.tie_word_embeddings)
     if tie_finding.warning:
         report.warnings.append(tie_finding.detail)
     findings = _metadata_checks(plan, tie) + [tie_finding]
-    checks.raise_on_failures(findings, Path(report.step_dir).name)
+    checks.raise_on_failures(findings, plan.meta.label)
     report.tied = tie
 
     written_sources = [s for k, s in plan.sources.items() if not (tie and k == "lm_head.weight")]
@@ -344,12 +366,12 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
             del embedding, head
             rest = [key for key in plan.meta.model
                     if key not in (embed_source.checkpoint_key, getattr(head_source, "checkpoint_key", None))]
-            for checkpoint_key, tensor in dcp_read.iter_tensors(plan.meta, rest, counter):
+            for checkpoint_key, tensor in plan.meta.iter(rest, counter):
                 for source in source_by_key[checkpoint_key]:
                     emit(source, _read_source(plan, source, tensor))
             report.bytes_read = counter.bytes
             findings.append(checks.nonfinite_finding(nonfinite, len(plan.sources)))
-            checks.raise_on_failures(findings, Path(report.step_dir).name)
+            checks.raise_on_failures(findings, plan.meta.label)
             report.files = writer.close()
     except BaseException:
         writer.abort()
@@ -367,7 +389,7 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
 
     with timer.stage("verify"):
         findings.append(fidelity.check_written_tensors(temp_dir, {t.hf_key: t for t in planned}))
-        checks.raise_on_failures(findings, Path(report.step_dir).name)
+        checks.raise_on_failures(findings, plan.meta.label)
         if verify:
             limit = plan.tokenizer_size or plan.arch.vocab_size
             result = fidelity.verify_logits(plan.arch, titan_state, temp_dir, tie=tie,
@@ -381,7 +403,7 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
         else:
             findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
         report.findings = [f.to_json() for f in findings]
-        checks.raise_on_failures(findings, Path(report.step_dir).name)
+        checks.raise_on_failures(findings, plan.meta.label)
     titan_state.clear()
     report.hf_tensors = len(planned)
     report.output_bytes = sum((temp_dir / name).stat().st_size for name in report.files)

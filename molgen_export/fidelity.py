@@ -69,7 +69,9 @@ def load_hf_model(hf_dir: Path, device: str = "cpu") -> torch.nn.Module:
         VerificationError: transformers reports missing, unexpected or mismatched keys.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True,
                                                        attn_implementation="sdpa")
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
