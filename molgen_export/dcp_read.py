@@ -110,6 +110,8 @@ class StepMetadata:
     other_keys: int
     files: dict[str, int] = field(default_factory=dict)
     """Shard file name -> size on disk when the metadata was read."""
+    extents: dict[str, int] = field(default_factory=dict)
+    """Shard file name -> the byte where its last item (model or not) ends, per the metadata."""
 
     @property
     def model_bytes(self) -> int:
@@ -202,14 +204,17 @@ def read_step_metadata(step_dir: Path) -> StepMetadata:
     model_keys = set(model)
     other_bytes = sum(info.length for (fqn, _), info in locations.items() if fqn not in model_keys)
     files = {}
+    extents: dict[str, int] = {}
     for info in metadata.storage_data.values():
         name = str(info.relative_path)
+        extents[name] = max(extents.get(name, 0), int(info.offset) + int(info.length))
         if name not in files:
             try:
                 files[name] = (step_dir / name).stat().st_size
             except FileNotFoundError:
                 files[name] = -1
-    return StepMetadata(step_dir=step_dir, model=model, other_bytes=other_bytes, other_keys=other_keys, files=files)
+    return StepMetadata(step_dir=step_dir, model=model, other_bytes=other_bytes, other_keys=other_keys, files=files,
+                        extents=extents)
 
 
 def check_shard_files(meta: StepMetadata) -> None:
@@ -218,11 +223,9 @@ def check_shard_files(meta: StepMetadata) -> None:
     Raises:
         CheckpointFormatError: naming the file and how many bytes it should hold.
     """
-    needed: dict[str, int] = {}
-    for entry in meta.model.values():
-        for chunk in entry.chunks:
-            needed[chunk.relative_path] = max(needed.get(chunk.relative_path, 0), chunk.file_offset + chunk.length)
-    for name, end in sorted(needed.items()):
+    # Every file the metadata names, to its last item: a shard cut short anywhere means a broken save,
+    # even when the model's bytes happen to lie before the cut.
+    for name, end in sorted(meta.extents.items()):
         size = meta.files.get(name, -1)
         if size < 0:
             raise CheckpointFormatError(f"shard {meta.step_dir / name} is missing", path=meta.step_dir / name,
