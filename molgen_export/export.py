@@ -18,7 +18,7 @@ import torch
 
 from molgen_export import architecture, checks, dcp_read, discover, fidelity, hf_model, naming, run_config, write
 from molgen_export.config import ExportOptions
-from molgen_export.errors import ConfigError, MolgenExportError, StepLockedError, VerificationError
+from molgen_export.errors import ConfigError, MolgenExportError, OutputError, StepLockedError, VerificationError
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,11 @@ def step_lock(output_dir: Path):
     """
     from filelock import FileLock, Timeout
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the export folder {output_dir.parent}: {exc.strerror or exc}",
+                          path=output_dir.parent, hint="choose a writable --output folder") from exc
     lock = FileLock(str(output_dir.parent / f".{output_dir.name}.lock"))
     try:
         lock.acquire(timeout=0)
@@ -241,11 +245,19 @@ def _metadata_checks(plan: _Plan, tie: bool | None) -> list[checks.Finding]:
     shapes = {k: s.shape for k, s in plan.sources.items()}
     hf_keys = {plan.mapping[k] for k in plan.sources if not (tie and k == "lm_head.weight")}
     with_head = not tie if tie is not None else "lm_head.weight" in plan.sources
-    return [
+    found = [
         checks.check_key_coverage(hf_keys, naming.expected_hf_keys(plan.arch.n_layers, with_head=with_head)),
         checks.check_embedding_shapes(shapes, plan.arch.vocab_size, plan.arch.dim),
         checks.check_vocab_padding(plan.arch.vocab_size, plan.tokenizer_size),
     ]
+    if tie is None:  # metadata only: say what the data check will decide
+        has_head = "lm_head.weight" in plan.sources
+        found.append(checks.Finding(
+            "tied_weights", True,
+            f"run config: {'tied' if plan.arch.tie_word_embeddings else 'untied'}; checkpoint "
+            + ("stores a head tensor: tied only if it equals the embedding (checked when the data is read)"
+               if has_head else "stores no head tensor: tied")))
+    return found
 
 
 def _read_source(plan: _Plan, source: naming.TensorSource, tensor: torch.Tensor) -> torch.Tensor:
