@@ -165,7 +165,7 @@ def dry_run_block(report, step_info, state: str) -> str:
     lines.append(f"  base assets     {report.hf_assets}")
     lines.append(f"  output          {report.output_dir}")
     for finding in report.findings:
-        lines.append(f"  check {finding['name']:<14} {'ok' if finding['ok'] else 'FAILED'}  {finding['detail']}")
+        lines.append(f"  check {finding['name']:<16} {'ok' if finding['ok'] else 'FAILED'}  {finding['detail']}")
     for warning in report.warnings:
         lines.append(f"  warning         {warning}")
     return "\n".join(lines)
