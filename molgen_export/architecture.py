@@ -19,8 +19,21 @@ QWEN3_NORM_EPS = 1e-6
 
 
 @dataclass(frozen=True)
+class MoeArch:
+    """The mixture-of-experts part of a Qwen3 MoE architecture."""
+
+    num_experts: int
+    top_k: int
+    moe_hidden_dim: int
+    norm_topk_prob: bool
+    """TorchTitan `route_norm`: renormalize the top-k softmax scores (HF `norm_topk_prob`)."""
+    moe_layers: tuple[int, ...]
+    """Layers whose FFN is the MoE; the others are dense (HF `mlp_only_layers`)."""
+
+
+@dataclass(frozen=True)
 class Qwen3Arch:
-    """A dense Qwen3 architecture, every field settled."""
+    """A Qwen3 architecture (dense, or MoE when `moe` is set), every field settled."""
 
     vocab_size: int
     dim: int
@@ -34,6 +47,7 @@ class Qwen3Arch:
     max_seq_len: int
     tie_word_embeddings: bool
     """What the run config asked for; the export may still untie (see checks.check_tied_weights)."""
+    moe: MoeArch | None = None
 
     def titan_model_config(self, *, tie: bool | None = None, fused_qkv: bool = False):
         """A torchtitan `Qwen3Model.Config` of this architecture, with causal SDPA attention for one-process use."""
@@ -42,10 +56,17 @@ class Qwen3Arch:
         from torchtitan.models.common.attention import ScaledDotProductAttention
 
         norm = qwen3.RMSNorm.Config(normalized_shape=self.dim, eps=self.norm_eps)
-        layers = qwen3._build_qwen3_layers(
-            fuse_qkv=fused_qkv, n_layers=self.n_layers, dim=self.dim, n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, hidden_dim=self.hidden_dim, attn_backend="flex",
-            rope=CosSinRoPE.Config(dim=self.head_dim, max_seq_len=self.max_seq_len, theta=self.rope_theta))
+        rope = CosSinRoPE.Config(dim=self.head_dim, max_seq_len=self.max_seq_len, theta=self.rope_theta)
+        shared = dict(fuse_qkv=fused_qkv, n_layers=self.n_layers, dim=self.dim, n_heads=self.n_heads,
+                      n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, attn_backend="flex", rope=rope)
+        layers = qwen3._build_qwen3_layers(hidden_dim=self.hidden_dim, **shared)
+        if self.moe is not None:
+            moe_layers = qwen3._build_qwen3_moe_layers(
+                moe_hidden_dim=self.moe.moe_hidden_dim, num_experts=self.moe.num_experts, top_k=self.moe.top_k,
+                moe_comm_backend="standard", **shared)
+            for i in self.moe.moe_layers:
+                layers[i] = moe_layers[i]
+                layers[i].moe.router = dataclasses.replace(layers[i].moe.router, route_norm=self.moe.norm_topk_prob)
         for layer in layers:
             layer.attention_norm = dataclasses.replace(layer.attention_norm, eps=self.norm_eps)
             layer.ffn_norm = dataclasses.replace(layer.ffn_norm, eps=self.norm_eps)
@@ -78,9 +99,17 @@ def dims_from_flavor(model_name: str | None, flavor: str | None) -> ModelDims | 
 
 
 def dims_from_hf_config(hf_config: dict) -> ModelDims:
-    """Dims stated by an HF Qwen3 `config.json` dict."""
+    """Dims stated by an HF Qwen3 (or Qwen3-MoE) `config.json` dict."""
     rope = hf_config.get("rope_parameters") or {}
-    return ModelDims(
+    moe = {}
+    if hf_config.get("num_experts"):
+        layers = hf_config.get("num_hidden_layers") or 0
+        step = hf_config.get("decoder_sparse_step") or 1
+        dense = set(hf_config.get("mlp_only_layers") or [])
+        moe = dict(moe=True, num_experts=hf_config["num_experts"], top_k=hf_config.get("num_experts_per_tok"),
+                   moe_hidden_dim=hf_config.get("moe_intermediate_size"), route_norm=hf_config.get("norm_topk_prob"),
+                   moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
+    return ModelDims(**moe,
         vocab_size=hf_config.get("vocab_size"), dim=hf_config.get("hidden_size"),
         n_layers=hf_config.get("num_hidden_layers"), n_heads=hf_config.get("num_attention_heads"),
         n_kv_heads=hf_config.get("num_key_value_heads"), head_dim=hf_config.get("head_dim"),
@@ -116,8 +145,12 @@ class ShapeFacts:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    hidden_dim: int
+    hidden_dim: int | None
+    """Dense FFN size; None when every layer is MoE."""
     has_head: bool
+    num_experts: int | None = None
+    moe_hidden_dim: int | None = None
+    moe_layers: tuple[int, ...] = ()
 
 
 def facts_from_shapes(shapes: dict[str, tuple[int, ...]]) -> ShapeFacts:
@@ -140,10 +173,14 @@ def facts_from_shapes(shapes: dict[str, tuple[int, ...]]) -> ShapeFacts:
         raise ConfigError("fused wqkv needs the run config's head counts", hint="internal: split before facts")
     q_rows = need("layers.0.attention.qkv_linear.wq.weight")[0]
     k_rows = need("layers.0.attention.qkv_linear.wk.weight")[0]
-    hidden = need("layers.0.feed_forward.w1.weight")[0]
+    moe_layers = tuple(i for i in range(n_layers) if f"layers.{i}.moe.routed_experts.inner_experts.w1_EFD" in shapes)
+    dense_layers = [i for i in range(n_layers) if i not in moe_layers]
+    hidden = need(f"layers.{dense_layers[0]}.feed_forward.w1.weight")[0] if dense_layers else None
+    experts = shapes[f"layers.{moe_layers[0]}.moe.routed_experts.inner_experts.w1_EFD"] if moe_layers else None
     return ShapeFacts(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=q_rows // head_dim,
                       n_kv_heads=k_rows // head_dim, head_dim=head_dim, hidden_dim=hidden,
-                      has_head="lm_head.weight" in shapes)
+                      has_head="lm_head.weight" in shapes, num_experts=experts[0] if experts else None,
+                      moe_hidden_dim=experts[1] if experts else None, moe_layers=moe_layers)
 
 
 def resolve_architecture(run: RunConfig, facts: ShapeFacts, base_hf_config: dict) -> tuple[Qwen3Arch, list[str]]:
@@ -170,14 +207,16 @@ def resolve_architecture(run: RunConfig, facts: ShapeFacts, base_hf_config: dict
 
     shape_fields = {"vocab_size": facts.vocab_size, "dim": facts.dim, "n_layers": facts.n_layers,
                     "n_heads": facts.n_heads, "n_kv_heads": facts.n_kv_heads, "head_dim": facts.head_dim,
-                    "hidden_dim": facts.hidden_dim}
+                    "hidden_dim": facts.hidden_dim, "num_experts": facts.num_experts,
+                    "moe_hidden_dim": facts.moe_hidden_dim,
+                    "moe_layers": facts.moe_layers if facts.moe_layers else None}
     warnings: list[str] = []
     # The base assets are a template (often the released model): when the run states its own dims, a
     # base config that differs is expected (custom dims) and only noted; alone, it must match.
     for label, dims in sources:
         for name, truth in shape_fields.items():
             stated = getattr(dims, name)
-            if stated is None or stated == truth:
+            if truth is None or stated is None or stated == truth or (name == "moe_layers" and tuple(stated) == truth):
                 continue
             if label.startswith("base assets") and len(sources) > 1:
                 warnings.append(f"{label} says {name}={stated}, the checkpoint has {truth}; the checkpoint wins")
@@ -201,8 +240,19 @@ def resolve_architecture(run: RunConfig, facts: ShapeFacts, base_hf_config: dict
         raise ConfigError("the run config says the head is not tied, but the checkpoint has no lm_head/output weight",
                           hint="pass the run config this checkpoint was trained with (--config)")
     seq_candidates = [v for v in (run.seq_len, pick("max_seq_len", None), base_dims.max_seq_len) if v]
+    moe = None
+    if facts.moe_layers:
+        top_k = pick("top_k", None)
+        if top_k is None:
+            raise ConfigError("the checkpoint is a Qwen3 MoE but no config states how many experts each token "
+                              "uses (top_k / num_experts_per_tok)", hint="pass the run's job_config.json with --config")
+        moe = MoeArch(num_experts=facts.num_experts, top_k=int(top_k), moe_hidden_dim=facts.moe_hidden_dim,
+                      norm_topk_prob=bool(pick("route_norm", True)), moe_layers=facts.moe_layers)
+    dense_fields = {k: v for k, v in shape_fields.items() if k not in ("num_experts", "moe_hidden_dim", "moe_layers")}
+    if dense_fields["hidden_dim"] is None:  # every layer is MoE: HF still wants an intermediate_size
+        dense_fields["hidden_dim"] = int(pick("hidden_dim", facts.moe_hidden_dim))
     arch = Qwen3Arch(
-        **shape_fields, norm_eps=float(pick("norm_eps", QWEN3_NORM_EPS)),
+        **dense_fields, moe=moe, norm_eps=float(pick("norm_eps", QWEN3_NORM_EPS)),
         rope_theta=float(pick("rope_theta", QWEN3_ROPE_THETA)),
         max_seq_len=int(max(seq_candidates) if seq_candidates else 4096),
         tie_word_embeddings=bool(tie))

@@ -110,3 +110,21 @@ def raise_on_failures(findings: list[Finding], step_label: str) -> None:
         raise VerificationError(f"{step_label} failed {len(failed)} check(s); nothing was published:\n{lines}",
                                 findings=failed,
                                 hint="fix the run (or its config) and export again; see export_report.json fields")
+
+
+def check_expert_bias(biases: dict[str, torch.Tensor], allow_drop: bool) -> Finding:
+    """TorchTitan's load-balancing `expert_bias_E` steers routing; HF Qwen3-MoE has no place for it.
+
+    A zero bias changes nothing and is dropped. A non-zero one means routing after export differs from routing
+    in training: refused unless `allow_drop`, then recorded as a warning.
+    """
+    if not biases:
+        return Finding("expert_bias", True, "no expert-bias buffers")
+    largest = max(float(t.abs().max()) if t.numel() else 0.0 for t in biases.values())
+    if largest == 0.0:
+        return Finding("expert_bias", True, f"{len(biases)} expert-bias buffers, all zero; dropped")
+    detail = (f"{len(biases)} expert-bias buffers, max|bias| {largest:.3g}: HF Qwen3-MoE routes without them, "
+              "so routing after export differs from routing in training")
+    if allow_drop:
+        return Finding("expert_bias", True, detail + "; dropped on request (--allow-expert-bias-drop)", warning=True)
+    return Finding("expert_bias", False, detail + "; pass --allow-expert-bias-drop to export anyway")

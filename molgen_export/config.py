@@ -72,6 +72,9 @@ class ExportOptions:
     dry_run: bool = False
     """Read metadata and configs only; plan and check, write nothing."""
 
+    allow_expert_bias_drop: bool = False
+    """Export a Qwen3 MoE whose load-balancing expert bias is non-zero (routing will differ; recorded as a warning)."""
+
     threads: int | None = None
     """torch intra-op threads for the export (None: leave torch's default)."""
 

@@ -78,6 +78,14 @@ def write_base_assets(assets_dir: Path, arch: Qwen3Arch, eos_id: int) -> None:
         "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "bfloat16", "initializer_range": 0.02,
         "attention_dropout": 0.0, "use_cache": True,
     }
+    if arch.moe is not None:
+        config.update({
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "num_experts": arch.moe.num_experts, "num_experts_per_tok": arch.moe.top_k,
+            "moe_intermediate_size": arch.moe.moe_hidden_dim, "norm_topk_prob": arch.moe.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(arch.n_layers) if i not in arch.moe.moe_layers],
+        })
     (assets_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (assets_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": eos_id, "eos_token_id": eos_id, "do_sample": False, "max_new_tokens": 32}, indent=2) + "\n")
@@ -87,6 +95,16 @@ def tiny_arch(vocab_size: int = 320, *, tie: bool = True, n_layers: int = 2) -> 
     """A Qwen3 small enough to train and verify in seconds on 2 CPU cores; head_dim != dim/heads, like 0.6B."""
     return Qwen3Arch(vocab_size=vocab_size, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=32,
                      hidden_dim=160, norm_eps=1e-6, rope_theta=1_000_000.0, max_seq_len=256, tie_word_embeddings=tie)
+
+
+def tiny_moe_arch(vocab_size: int = 320, *, num_experts: int = 12, top_k: int = 2,
+                  moe_layers: tuple[int, ...] = (0, 1)) -> Qwen3Arch:
+    """A tiny Qwen3 MoE (more than 10 experts, so numeric expert order matters)."""
+    from molgen_export.architecture import MoeArch
+
+    return replace(tiny_arch(vocab_size, tie=False),
+                   moe=MoeArch(num_experts=num_experts, top_k=top_k, moe_hidden_dim=48, norm_topk_prob=True,
+                               moe_layers=moe_layers))
 
 
 def build_model(arch: Qwen3Arch, seed: int = 0, *, fused_qkv: bool = True) -> torch.nn.Module:

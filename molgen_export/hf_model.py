@@ -20,7 +20,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_parameters",
                 "max_position_embeddings", "tie_word_embeddings", "torch_dtype", "dtype", "architectures",
-                "model_type", "layer_types", "max_window_layers", "use_sliding_window", "sliding_window")
+                "model_type", "layer_types", "max_window_layers", "use_sliding_window", "sliding_window",
+                "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                "decoder_sparse_step", "mlp_only_layers")
 
 
 def build_hf_config(base: dict, arch: Qwen3Arch, *, tie: bool, dtype: str) -> dict:
@@ -59,6 +61,19 @@ def build_hf_config(base: dict, arch: Qwen3Arch, *, tie: bool, dtype: str) -> di
         "dtype": dtype,
         "torch_dtype": dtype,
     })
+    if arch.moe is not None:
+        config.update({
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "num_experts": arch.moe.num_experts,
+            "num_experts_per_tok": arch.moe.top_k,
+            "moe_intermediate_size": arch.moe.moe_hidden_dim,
+            "norm_topk_prob": arch.moe.norm_topk_prob,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i in range(arch.n_layers) if i not in arch.moe.moe_layers],
+            "output_router_logits": False,
+            "router_aux_loss_coef": base.get("router_aux_loss_coef", 0.001),
+        })
     if rope_type != "default" and "rope_scaling" not in config:
         config["rope_scaling"] = dict(rope_parameters)
     return dict(sorted(config.items()))

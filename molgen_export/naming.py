@@ -21,7 +21,17 @@ RENAME_RULES: tuple[tuple[re.Pattern, str, str], ...] = (
     (re.compile(r"^(layers\.\d+\.attention)\.(wq|wk|wv)\.(weight|bias)$"), r"\1.qkv_linear.\2.\3", "attention.w{q,k,v} (0.2)"),
     # TorchTitan before pytorch/torchtitan#2937: output.weight -> lm_head.weight
     (re.compile(r"^output\.weight$"), "lm_head.weight", "output.weight (0.2)"),
+    # TorchTitan before pytorch/torchtitan#3425/#3859: moe.experts.w1 [E, F, D] -> routed_experts.inner_experts.w1_EFD
+    (re.compile(r"^(layers\.\d+\.moe)\.experts\.w([13])$"), r"\1.routed_experts.inner_experts.w\2_EFD", "moe.experts.w1/w3 (0.2)"),
+    (re.compile(r"^(layers\.\d+\.moe)\.experts\.w2$"), r"\1.routed_experts.inner_experts.w2_EDF", "moe.experts.w2 (0.2)"),
+    (re.compile(r"^(layers\.\d+\.moe)\.expert_bias$"), r"\1.expert_bias_E", "moe.expert_bias (0.2)"),
 )
+
+GROUPED_EXPERTS_RE = re.compile(r"^layers\.\d+\.moe\.routed_experts\.inner_experts\.w[123]_E(FD|DF)$")
+"""A stack of per-expert weights `[E, out, in]`: exported as one HF tensor per expert."""
+
+TRAINING_BUFFER_RE = re.compile(r"^layers\.\d+\.moe\.(expert_bias_E|tokens_per_expert(_E)?)$")
+"""MoE buffers that exist only for training (load balancing); HF Qwen3-MoE has no place for them."""
 
 FUSED_QKV_RE = re.compile(r"^layers\.(\d+)\.attention\.qkv_linear\.wqkv\.weight$")
 
@@ -54,6 +64,13 @@ class TensorSource:
     shape: tuple[int, ...]
     part: str | None = None
     """For a fused `wqkv` checkpoint tensor: which of `wq`/`wk`/`wv` this is; else None."""
+    expert: int | None = None
+    """For a grouped-experts tensor: which expert's slice this is (`titan_key` is then `<grouped key>#<e>`)."""
+
+    @property
+    def grouped_key(self) -> str:
+        """The canonical TorchTitan key of the whole tensor this source is a slice of (or its own key)."""
+        return self.titan_key.split("#", 1)[0]
 
 
 def canonicalize_keys(checkpoint_shapes: dict[str, tuple[int, ...]], *, n_heads: int | None = None,
@@ -92,9 +109,30 @@ def canonicalize_keys(checkpoint_shapes: dict[str, tuple[int, ...]], *, n_heads:
             for part, out_rows in parts.items():
                 _add(sources, TensorSource(f"{prefix}.{part}.weight", checkpoint_key, (out_rows, shape[1]), part))
             rule_counts["fused wqkv split"] = rule_counts.get("fused wqkv split", 0) + 1
+        elif GROUPED_EXPERTS_RE.match(titan_key):
+            # one source per expert, in numeric order (expert 10 after 9)
+            for expert in range(shape[0]):
+                _add(sources, TensorSource(f"{titan_key}#{expert}", checkpoint_key, tuple(shape[1:]), expert=expert))
         else:
             _add(sources, TensorSource(titan_key, checkpoint_key, tuple(shape)))
     return sources, rule_counts
+
+
+def split_training_buffers(checkpoint_shapes: dict[str, tuple[int, ...]]
+                           ) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Set aside MoE training-only buffers (expert bias, token counts) before mapping.
+
+    Returns:
+        The remaining checkpoint shapes, and canonical buffer key -> checkpoint key for the set-aside ones.
+    """
+    kept, buffers = {}, {}
+    for checkpoint_key, shape in checkpoint_shapes.items():
+        titan_key, _ = canonical_titan_key(checkpoint_key)
+        if TRAINING_BUFFER_RE.match(titan_key):
+            buffers[titan_key] = checkpoint_key
+        else:
+            kept[checkpoint_key] = shape
+    return kept, buffers
 
 
 def _add(sources: dict[str, TensorSource], source: TensorSource) -> None:
@@ -120,15 +158,26 @@ def split_fused_qkv(wqkv: torch.Tensor, part: str, *, n_heads: int, n_kv_heads: 
     return picked.reshape(-1, wqkv.shape[-1]).contiguous()
 
 
-def expected_hf_keys(n_layers: int, *, with_head: bool) -> set[str]:
-    """Every tensor an HF Qwen3ForCausalLM checkpoint holds on disk for this depth."""
+def expected_hf_keys(n_layers: int, *, with_head: bool, moe_layers: tuple[int, ...] = (),
+                     num_experts: int = 0) -> set[str]:
+    """Every tensor an HF Qwen3ForCausalLM (or Qwen3MoeForCausalLM) checkpoint holds on disk.
+
+    MoE layers hold `mlp.gate.weight` and per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight`, the on-disk
+    layout of HF's Qwen3-MoE checkpoints (transformers 5 fuses experts in memory only).
+    """
     keys = {"model.embed_tokens.weight", "model.norm.weight"}
-    per_layer = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    attention = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                  "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-                 "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
                  "input_layernorm.weight", "post_attention_layernorm.weight")
+    dense = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
     for layer in range(n_layers):
-        keys.update(f"model.layers.{layer}.{name}" for name in per_layer)
+        keys.update(f"model.layers.{layer}.{name}" for name in attention)
+        if layer in moe_layers:
+            keys.add(f"model.layers.{layer}.mlp.gate.weight")
+            keys.update(f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                        for e in range(num_experts) for proj in ("gate_proj", "up_proj", "down_proj"))
+        else:
+            keys.update(f"model.layers.{layer}.{name}" for name in dense)
     if with_head:
         keys.add("lm_head.weight")
     return keys
@@ -150,7 +199,24 @@ def map_to_hf(sources: dict[str, TensorSource], titan_model_config) -> dict[str,
     adapter = Qwen3StateDictAdapter(dataclasses.replace(titan_model_config, enable_weight_tying=False), None)
     mapping: dict[str, str] = {}
     unmapped: list[str] = []
+    experts_by_key: dict[str, list[str]] = {}
     for titan_key, source in sources.items():
+        if source.expert is not None:
+            grouped = source.grouped_key
+            if grouped not in experts_by_key:
+                count = sum(1 for s in sources.values() if s.grouped_key == grouped)
+                produced = adapter.to_hf({grouped: torch.empty((count, *source.shape), device="meta")})
+                experts_by_key[grouped] = list(produced)  # the adapter emits experts in numeric order
+            hf_keys = experts_by_key[grouped]
+            if len(hf_keys) <= source.expert:
+                unmapped.append(f"{source.checkpoint_key} (expert {source.expert})")
+                continue
+            hf_key = hf_keys[source.expert]
+            if f".experts.{source.expert}." not in hf_key:  # never mis-order experts (pytorch/torchtitan#1918)
+                raise MappingError(f"expert {source.expert} of `{source.checkpoint_key}` mapped to `{hf_key}`",
+                                   hint="this torchtitan version splits experts differently; please report it")
+            mapping[titan_key] = hf_key
+            continue
         placeholder = torch.empty(source.shape, device="meta")
         produced = adapter.to_hf({titan_key: placeholder})
         if len(produced) != 1:

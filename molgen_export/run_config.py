@@ -40,6 +40,13 @@ class ModelDims:
     tie_word_embeddings: bool | None = None
     fused_qkv: bool | None = None
     moe: bool = False
+    num_experts: int | None = None
+    top_k: int | None = None
+    moe_hidden_dim: int | None = None
+    route_norm: bool | None = None
+    score_func: str | None = None
+    moe_layers: tuple[int, ...] | None = None
+    """Indices of the layers whose FFN is a mixture of experts (None: not stated)."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,15 @@ def _dims_from_titan03_model(model: dict) -> ModelDims:
     attention = first.get("attention") or {}
     qkv = attention.get("qkv_linear") or {}
     rope = attention.get("rope") or {}
-    ffn = first.get("feed_forward") or {}
-    moe = any((layer or {}).get("moe") for layer in layers)
+    ffn = next(((layer or {}).get("feed_forward") for layer in layers if (layer or {}).get("feed_forward")), None) or {}
+    moe_layers = tuple(i for i, layer in enumerate(layers) if (layer or {}).get("moe"))
+    moe_config = (layers[moe_layers[0]].get("moe") or {}) if moe_layers else {}
+    router = moe_config.get("router") or {}
+    experts = _get(moe_config, "routed_experts", "inner_experts") or moe_config.get("experts") or {}
+    moe_dims = dict(
+        num_experts=moe_config.get("num_experts"), top_k=router.get("top_k"),
+        moe_hidden_dim=experts.get("hidden_dim"), route_norm=router.get("route_norm"),
+        score_func=router.get("score_func"), moe_layers=moe_layers) if moe_layers else {}
     return ModelDims(
         vocab_size=model.get("vocab_size"),
         dim=model.get("dim"),
@@ -129,7 +143,8 @@ def _dims_from_titan03_model(model: dict) -> ModelDims:
         max_seq_len=rope.get("max_seq_len"),
         tie_word_embeddings=model.get("enable_weight_tying"),
         fused_qkv="wqkv" in qkv if qkv else None,
-        moe=bool(moe),
+        moe=bool(moe_layers),
+        **moe_dims,
     )
 
 
@@ -143,7 +158,10 @@ def parse_run_config(data: dict, source: Path) -> RunConfig:
         raise ConfigError(f"{source} does not hold a JSON object", path=source)
     if data.get("format") == RUNNER_CONFIG_FORMAT:
         launch_dir = Path(data["launch_dir"]) if data.get("launch_dir") else source.parent
-        dims = ModelDims(**{k: v for k, v in (data.get("dims") or {}).items() if k in ModelDims.__dataclass_fields__})
+        dims_data = {k: v for k, v in (data.get("dims") or {}).items() if k in ModelDims.__dataclass_fields__}
+        if dims_data.get("moe_layers") is not None:
+            dims_data["moe_layers"] = tuple(dims_data["moe_layers"])
+        dims = ModelDims(**dims_data)
         return RunConfig(
             source=source, kind="runner", model_name=data.get("model_name"), flavor=data.get("flavor"), dims=dims,
             seq_len=data.get("seq_len"), training_dtype=data.get("training_dtype"),
