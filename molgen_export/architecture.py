@@ -161,7 +161,7 @@ def facts_from_shapes(shapes: dict[str, tuple[int, ...]]) -> ShapeFacts:
     """
     def need(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise ConfigError(f"the checkpoint has no `{key}`, so it is not a dense Qwen3 TorchTitan checkpoint",
+            raise ConfigError(f"the checkpoint has no `{key}`, so it is not a Qwen3 TorchTitan checkpoint",
                               hint="check that --dcp-path points at a Qwen3 run")
         return shapes[key]
 
@@ -196,6 +196,14 @@ def resolve_architecture(run: RunConfig, facts: ShapeFacts, base_hf_config: dict
     Raises:
         ConfigError: a source contradicts the checkpoint's shapes.
     """
+    if run.model_name not in (None, "qwen3", "qwen3_moe"):
+        raise ConfigError(f"the run config {run.source.name} trains `{run.model_name}`; molgen_export exports Qwen3 "
+                          "and Qwen3-MoE runs", path=run.source,
+                          hint="check that --dcp-path and --config belong to a Qwen3 run")
+    base_type = base_hf_config.get("model_type")
+    if base_type not in (None, "qwen3", "qwen3_moe"):
+        raise ConfigError(f"the base assets config.json describes a `{base_type}` model, not Qwen3",
+                          hint="point hf_assets_path (or --hf-assets) at a Qwen3 assets folder")
     sources: list[tuple[str, ModelDims]] = []
     if run.dims.dim is not None:
         sources.append((f"run config {run.source.name}", run.dims))

@@ -109,6 +109,9 @@ def _launch_dir_for(job_config: Path, dump_folder: str | None) -> Path:
 def _resolve(path_text: str | None, launch_dir: Path | None) -> Path | None:
     if not path_text:
         return None
+    if not isinstance(path_text, str):
+        raise ConfigError(f"a path in the run config is {type(path_text).__name__} {path_text!r}, not a string",
+                          hint="fix hf_assets_path / tokenizer path in the run config, or pass --hf-assets")
     path = Path(path_text).expanduser()
     if path.is_absolute() or launch_dir is None:
         return path
@@ -148,12 +151,64 @@ def _dims_from_titan03_model(model: dict) -> ModelDims:
     )
 
 
+_INT_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len",
+               "num_experts", "top_k", "moe_hidden_dim")
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _validate(config: RunConfig) -> RunConfig:
+    """Refuse values of the wrong type or range, naming the field and the file."""
+    def fail(field_name: str, value, expected: str):
+        raise ConfigError(f"{config.source}: `{field_name}` is {value!r}, expected {expected}", path=config.source,
+                          hint="fix the run config, or pass the right one with --config")
+
+    for name in _INT_FIELDS:
+        value = getattr(config.dims, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            fail(f"model {name}", value, "a positive integer")
+    for name in ("norm_eps", "rope_theta"):
+        value = getattr(config.dims, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            fail(f"model {name}", value, "a positive number")
+    for name in ("tie_word_embeddings", "route_norm"):
+        value = getattr(config.dims, name)
+        if value is not None and not isinstance(value, bool):
+            fail(f"model {name}", value, "true or false")
+    if config.seq_len is not None and (isinstance(config.seq_len, bool) or not isinstance(config.seq_len, int)
+                                       or config.seq_len <= 0):
+        fail("training.seq_len", config.seq_len, "a positive integer")
+    for name in ("training_dtype", "mixed_precision_param"):
+        value = getattr(config, name)
+        if value is not None and value not in _DTYPES:
+            fail(name, value, f"one of {', '.join(_DTYPES)}")
+    if config.keep_latest_k is not None and (isinstance(config.keep_latest_k, bool)
+                                             or not isinstance(config.keep_latest_k, int) or config.keep_latest_k < 0):
+        fail("checkpoint.keep_latest_k", config.keep_latest_k, "a non-negative integer")
+    for name in ("model_name", "flavor"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str):
+            fail(name, value, "a string")
+    return config
+
+
 def parse_run_config(data: dict, source: Path) -> RunConfig:
-    """Normalize a config dict read from `source` into a RunConfig.
+    """Normalize a config dict read from `source` into a RunConfig, checking types and ranges.
 
     Raises:
-        ConfigError: the dict is none of the understood shapes.
+        ConfigError: the dict is none of the understood shapes, or a field has the wrong type.
     """
+    try:
+        config = _parse_run_config(data, source)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        # a section that should be a mapping is a number, a list where a dict belongs, ...
+        raise ConfigError(f"{source} has an unexpected structure ({type(exc).__name__}: {exc})", path=source,
+                          hint="pass the run's job_config.json as TorchTitan wrote it, with --config") from exc
+    return _validate(config)
+
+
+def _parse_run_config(data: dict, source: Path) -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source} does not hold a JSON object", path=source)
     if data.get("format") == RUNNER_CONFIG_FORMAT:
@@ -222,7 +277,7 @@ def read_config_file(path: Path) -> RunConfig:
         else:
             data = json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"run config {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}", path=path,
+        raise ConfigError(f"run config {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}", path=path,
                           hint="fix the file or point --config at the run's job_config.json") from exc
     return parse_run_config(data, path)
 
