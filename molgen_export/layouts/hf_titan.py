@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -23,22 +22,17 @@ import torch
 
 from molgen_export import architecture, checks, discover, export, fidelity, naming, run_config, write
 from molgen_export.config import EXPORT_DTYPES, ExportOptions, parse_size
-from molgen_export.errors import ConfigError, MappingError, UsageError
+from molgen_export.errors import ConfigError, UsageError
 from molgen_export.layouts.folder_read import WeightsFolder, open_weights_folder
+from molgen_export.layouts.hf_qwen3 import (check_titan_state, decide_tie, dominant_dtype, dtype_name, hf_run_config,
+                                            map_hf_to_titan, read_hf_qwen3_config)
 from molgen_export.layouts.output import check_output_dir, staged_output
+from molgen_export.layouts.verify import logits_finding, read_back
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "dcp")
 IMPORT_REPORT = "import_report.json"
-HF_CONFIG_KIND = "hf-config"
-"""`RunConfig.kind` of a run config made from an HF `config.json` (no TorchTitan job config involved)."""
-
-SKIPPED_HF_KEYS: tuple[tuple[re.Pattern, str], ...] = (
-    # Rotary inverse frequencies: a buffer recomputed from rope_theta that old transformers versions saved.
-    (re.compile(r"(^|\.)rotary_emb\.inv_freq$"), "rotary inv_freq buffer"),
-)
-
 IMPORT_HF_EPILOG = """\
 examples:
   molgen-export import-hf Qwen/Qwen3-0.6B-local titan-init --format dcp
@@ -90,136 +84,10 @@ class ImportReport:
         return asdict(self)
 
 
-def read_hf_qwen3_config(folder: Path) -> dict:
-    """The folder's `config.json` as transformers resolves it (defaults filled in), checked to be a dense Qwen3.
-
-    Raises:
-        ConfigError: missing, not Qwen3, MoE, or a RoPE variant TorchTitan's Qwen3 does not implement.
-    """
-    from transformers import Qwen3Config
-
-    raw = architecture.read_base_hf_config(folder)
-    path = folder / "config.json"
-    model_type = raw.get("model_type")
-    if model_type != "qwen3":
-        raise ConfigError(f"{path} has model_type={model_type!r}; this conversion handles dense Qwen3 (`qwen3`) only",
-                          path=path, hint="qwen3_moe and other families are not supported by import-hf yet")
-    resolved = Qwen3Config.from_dict({k: v for k, v in raw.items() if k != "transformers_version"}).to_dict()
-    rope = resolved.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ConfigError(f"{path} uses rope_type={rope.get('rope_type')!r}; TorchTitan's Qwen3 implements plain "
-                          "RoPE (CosSinRoPE) only, so the imported model would compute different logits",
-                          path=path, hint="import a model with default RoPE")
-    return resolved
-
-
-def hf_run_config(folder: Path, hf_config: dict, dtype: str) -> run_config.RunConfig:
-    """A `RunConfig` that says what an HF folder says: no dims of its own (the shapes and `config.json` decide),
-    the folder as assets and tokenizer, `dtype` as the training dtype."""
-    return run_config.RunConfig(
-        source=folder / "config.json", kind=HF_CONFIG_KIND, model_name="qwen3", flavor=None,
-        dims=run_config.ModelDims(), seq_len=None, training_dtype=dtype, mixed_precision_param=dtype,
-        hf_assets_path=folder, tokenizer_path=folder, keep_latest_k=None, checkpoint_folder=None, launch_dir=None,
-        job_config_path=None)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dominant_dtype(source: WeightsFolder) -> str:
-    counts: dict[str, int] = {}
-    for entry in source.model.values():
-        if entry.dtype.is_floating_point:
-            counts[_dtype_name(entry.dtype)] = counts.get(_dtype_name(entry.dtype), 0) + entry.stored_bytes
-    return max(counts, key=counts.get) if counts else "float32"
-
-
-def map_hf_to_titan(hf_shapes: dict[str, tuple[int, ...]], titan_model_config) -> tuple[dict[str, str], list[str]]:
-    """TorchTitan key of every HF key, through torchtitan's `Qwen3StateDictAdapter.from_hf`, one key at a time.
-
-    Returns:
-        hf_key -> titan_key, and the HF keys skipped on purpose (rotary `inv_freq` buffers).
-
-    Raises:
-        MappingError: HF keys the adapter does not know (a dense Qwen3 has no such tensor), naming each.
-    """
-    from torchtitan.models.qwen3 import Qwen3StateDictAdapter
-
-    adapter = Qwen3StateDictAdapter(dataclasses.replace(titan_model_config, enable_weight_tying=False), None)
-    mapping: dict[str, str] = {}
-    skipped: list[str] = []
-    unmapped: list[str] = []
-    for hf_key, shape in hf_shapes.items():
-        if any(pattern.search(hf_key) for pattern, _ in SKIPPED_HF_KEYS):
-            skipped.append(hf_key)
-            continue
-        try:
-            produced = adapter.from_hf({hf_key: torch.empty(shape, device="meta")})
-        except (KeyError, AssertionError, StopIteration):
-            produced = {}
-        if len(produced) != 1:
-            unmapped.append(hf_key)
-            continue
-        (titan_key,) = produced
-        mapping[hf_key] = titan_key
-    if unmapped:
-        raise MappingError(f"{len(unmapped)} HF tensor(s) have no TorchTitan Qwen3 parameter: "
-                           + ", ".join(sorted(unmapped)[:10]) + (" ..." if len(unmapped) > 10 else ""),
-                           hint="the folder holds tensors a dense Qwen3 does not have (another family, MoE, "
-                                "biases); nothing was written")
-    return mapping, skipped
-
-
-def check_titan_state(titan_shapes: dict[str, tuple[int, ...]], arch: architecture.Qwen3Arch, *,
-                      tie: bool) -> checks.Finding:
-    """The keys and shapes equal those of TorchTitan's own Qwen3 state dict (built on the meta device)."""
-    config = arch.titan_model_config(tie=tie, fused_qkv=True)
-    with torch.device("meta"):
-        model = config.build()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"missing `{k}`" for k in sorted(set(expected) - set(titan_shapes))]
-    problems += [f"unexpected `{k}`" for k in sorted(set(titan_shapes) - set(expected))]
-    problems += [f"`{k}` is {list(titan_shapes[k])}, TorchTitan has {list(v)}"
-                 for k, v in expected.items() if k in titan_shapes and tuple(titan_shapes[k]) != v]
-    if problems:
-        return checks.Finding("titan_state", False, "; ".join(problems[:10]))
-    return checks.Finding("titan_state", True, f"{len(expected)} tensors = TorchTitan Qwen3's state dict "
-                                               "(keys and shapes)")
-
-
-def decide_tie(source: WeightsFolder, hf_config: dict) -> tuple[bool, checks.Finding]:
-    """Whether an HF Qwen3 folder's head is its embedding, as transformers decides it (config first).
-
-    Returns:
-        Whether tied, and the finding saying how the head is handled.
-
-    Raises:
-        ConfigError: untied without a head, or tied while the file's head differs from the embedding.
-    """
-    path = source.step_dir / "config.json"
-    has_head = "lm_head.weight" in source.model
-    if not hf_config.get("tie_word_embeddings"):
-        if not has_head:
-            raise ConfigError(f"{path} says tie_word_embeddings=false but the weights hold no lm_head.weight, so "
-                              "transformers would initialize the head randomly", path=path,
-                              hint="set tie_word_embeddings to true if the head is the embedding")
-        return False, checks.Finding("tied_weights", True, "untied: lm_head.weight imported as lm_head.weight")
-    if not has_head:
-        return True, checks.Finding("tied_weights", True, "tied: lm_head.weight := tok_embeddings.weight")
-    embedding = source.read("model.embed_tokens.weight")
-    head = source.read("lm_head.weight")
-    if embedding.shape != head.shape or not torch.equal(embedding, head):
-        raise ConfigError(f"{path} ties the head to the embedding but the file's lm_head.weight differs from "
-                          "model.embed_tokens.weight; transformers ignores the file's head in that case "
-                          "(huggingface/transformers#41038), so which head is meant is ambiguous", path=path,
-                          hint="set tie_word_embeddings=false if the separate head is the trained one, else drop it")
-    return True, checks.Finding("tied_weights", True, "tied: the file's lm_head.weight equals the embedding bit for "
-                                                      "bit; TorchTitan lm_head.weight := tok_embeddings.weight")
-
-
 @dataclass(frozen=True)
 class _ImportPlan:
+    """Everything `import_hf` decides before writing."""
+
     source: WeightsFolder
     hf_config: dict
     arch: architecture.Qwen3Arch
@@ -248,7 +116,7 @@ def plan_import(hf_dir: Path) -> _ImportPlan:
     titan_shapes = {titan_key: source.model[hf_key].shape for hf_key, titan_key in mapping.items()}
     if tie:
         titan_shapes["lm_head.weight"] = titan_shapes.get("tok_embeddings.weight", ())
-    run = hf_run_config(source.step_dir, hf_config, _dominant_dtype(source))
+    run = hf_run_config(source.step_dir, hf_config, dominant_dtype(source))
     arch, arch_warnings = architecture.resolve_architecture(run, architecture.facts_from_shapes(titan_shapes),
                                                             hf_config)
     findings = (
@@ -281,27 +149,6 @@ def _write_dcp(state: dict[str, torch.Tensor], folder: Path) -> list[str]:
         warnings.simplefilter("ignore", UserWarning)  # "torch.distributed is not initialized": one process is right
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
     return sorted(p.name for p in folder.iterdir())
-
-
-def _read_back(folder: Path, fmt: str, planned: dict[str, write.PlannedTensor]) -> tuple[checks.Finding, dict]:
-    """Re-open what was written: names, dtypes and shapes as planned, and the tensors for the logit check."""
-    if fmt == "safetensors":
-        finding = fidelity.check_written_tensors(folder, planned)
-        written = open_weights_folder(folder)
-        return finding, {k: written.read(k) for k in written.model}
-    from molgen_export import dcp_read
-
-    meta = dcp_read.read_step_metadata(folder)
-    problems = [f"`{k}` missing" for k in sorted(set(planned) - set(meta.model))]
-    problems += [f"unplanned `{k}`" for k in sorted(set(meta.model) - set(planned))]
-    problems += [f"`{k}` is {meta.model[k].dtype} {list(meta.model[k].shape)}, planned {p.dtype} {list(p.shape)}"
-                 for k, p in planned.items() if k in meta.model
-                 and (meta.model[k].dtype, tuple(meta.model[k].shape)) != (p.dtype, tuple(p.shape))]
-    state = {k: meta.read(k) for k in meta.model}
-    if problems:
-        return checks.Finding("written_files", False, "; ".join(problems[:10])), state
-    return checks.Finding("written_files", True, f"{len(meta.model)} tensors re-read from the DCP metadata and "
-                                                 "shards: names, shapes and dtypes as planned"), state
 
 
 def import_hf(hf_dir: Path, output_dir: Path, *, fmt: str = "safetensors", dtype: str | None = None,
@@ -373,17 +220,14 @@ def import_hf(hf_dir: Path, output_dir: Path, *, fmt: str = "safetensors", dtype
                 del state
         fidelity_json = None
         with timer.stage("verify"):
-            written_finding, titan_state = _read_back(temp_dir, fmt, planned)
+            written_finding, titan_state = read_back(temp_dir, fmt, planned)
             findings.append(written_finding)
             checks.raise_on_failures(findings, str(hf_dir))
             if verify:
                 result = verify_import_logits(plan.arch, titan_state, hf_dir, tie=plan.tie, dtype=cast,
                                               tolerance=logits_atol)
                 fidelity_json = result.to_json()
-                findings.append(checks.Finding(
-                    "logits", result.passed,
-                    f"TorchTitan (from the written files) vs HF: max|Δ| {result.max_abs_diff:.3g} (limit "
-                    f"{result.tolerance:.3g}), top-1 agreement {result.top1_agreement:.4f} over {result.tokens} tokens"))
+                findings.append(logits_finding(result, "TorchTitan (from the written files) vs HF"))
             else:
                 findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
             del titan_state
@@ -393,7 +237,7 @@ def import_hf(hf_dir: Path, output_dir: Path, *, fmt: str = "safetensors", dtype
             source_dir=str(hf_dir), output_dir=str(output_dir), format=fmt, source_format=plan.source.fmt,
             tied=plan.tie, hf_tensors=len(plan.source.model) - len(plan.skipped),
             titan_tensors=len(planned), skipped=plan.skipped,
-            dtypes=tuple(sorted({_dtype_name(p.dtype) for p in planned.values()})),
+            dtypes=tuple(sorted({dtype_name(p.dtype) for p in planned.values()})),
             files=tuple(files) + (IMPORT_REPORT,), findings=tuple(f.to_json() for f in findings),
             fidelity=fidelity_json, warnings=plan.warnings, timings=timings, versions=export.versions())
         write.write_json(temp_dir / IMPORT_REPORT, report.to_json())
@@ -456,7 +300,7 @@ def export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> e
         run = run_config.read_config_file(options.config)
     elif options.hf_assets is not None:
         run = hf_run_config(options.hf_assets, architecture.read_base_hf_config(options.hf_assets),
-                            _dominant_dtype(source))
+                            dominant_dtype(source))
     else:
         raise UsageError("export-titan needs the HF assets (config.json and tokenizer) of the model",
                          hint="pass --hf-assets DIR, or --config with the run's job_config.json")

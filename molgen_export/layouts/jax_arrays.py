@@ -27,7 +27,7 @@ import torch
 from molgen_export import architecture, checks, export, naming, write
 from molgen_export.errors import CheckpointFormatError, MappingError, UsageError
 from molgen_export.layouts.folder_read import open_weights_folder
-from molgen_export.layouts.hf_titan import SKIPPED_HF_KEYS, decide_tie, read_hf_qwen3_config
+from molgen_export.layouts.hf_qwen3 import SKIPPED_HF_KEYS, decide_tie, read_hf_qwen3_config
 from molgen_export.layouts.output import staged_output
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from molgen_export.config import EXPORT_DTYPES
 from molgen_export.errors import CheckpointFormatError, ConfigError, MappingError, UsageError
 from molgen_export.layouts.folder_read import load_bin
 from molgen_export.layouts.output import check_output_dir, staged_output
+from molgen_export.layouts.verify import finite_logits, logits_finding
 
 logger = logging.getLogger(__name__)
 
@@ -251,19 +251,8 @@ class NanoGPTReference(torch.nn.Module):
             x = x + F.linear(h, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"])
         x = F.layer_norm(x, (width,), w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], 1e-5)
         logits = F.linear(x, w.get("lm_head.weight", w["transformer.wte.weight"]))
-        self.finite = self.finite and bool(torch.isfinite(logits).all())
+        self.finite = self.finite and finite_logits(logits)
         return logits
-
-
-def logits_finding(result: fidelity.FidelityResult, finite: bool = True) -> checks.Finding:
-    """The `logits` finding; non-finite logits fail it (`compare_logits` alone lets NaN through)."""
-    if not finite or not math.isfinite(result.mean_abs_diff):
-        return checks.Finding("logits", False, "the logits are not finite (NaN/Inf), e.g. from weights that "
-                                               "overflowed the export dtype")
-    return checks.Finding("logits", result.passed,
-                          f"max|Δ| {result.max_abs_diff:.3g} (limit {result.tolerance:.3g}), mean|Δ| "
-                          f"{result.mean_abs_diff:.3g}, top-1 agreement {result.top1_agreement:.4f} over "
-                          f"{result.tokens} tokens")
 
 
 def convert_nanogpt(checkpoint: Path, output_dir: Path, *, dtype: str = "float32", vocab_size: int | None = None,
@@ -365,7 +354,7 @@ def convert_nanogpt(checkpoint: Path, output_dir: Path, *, dtype: str = "float32
                 tokens = fidelity.fixed_token_batch(keep_rows, length=min(32, int(args["block_size"])))
                 result = fidelity.compare_logits(reference, hf_gpt2, [tokens], keep_rows, tolerance=logits_atol)
                 fidelity_json = result.to_json()
-                findings.append(logits_finding(result, reference.finite))
+                findings.append(logits_finding(result, "nanoGPT forward vs HF GPT2LMHeadModel", finite=reference.finite))
                 del hf_gpt2, reference
             else:
                 findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
