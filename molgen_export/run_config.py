@@ -100,9 +100,11 @@ def _launch_dir_for(job_config: Path, dump_folder: str | None) -> Path:
     """The directory training ran in: the dump folder's parent chain when dump_folder is relative."""
     folder = job_config.parent.resolve()
     if dump_folder and not Path(dump_folder).is_absolute():
-        depth = len([p for p in Path(dump_folder).parts if p not in (".", "")])
-        for _ in range(depth):
-            folder = folder.parent
+        parts = [p for p in Path(dump_folder).parts if p not in (".", "")]
+        # a dump written into the dump folder (job_config.json): the launch dir is above it; a job file kept
+        # elsewhere (a TOML beside the launch) is taken to sit in the launch dir
+        if parts and list(folder.parts[-len(parts):]) == parts:
+            return Path(*folder.parts[:-len(parts)])
     return folder
 
 
