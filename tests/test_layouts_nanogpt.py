@@ -169,6 +169,7 @@ def test_nanogpt_bf16_vocab_crop_and_tokenizer(tmp_path):
                              tokenizer_dir=tokenizer_dir)
     assert report.vocab_rows == size < 320 and report.cropped_rows == 320 - size
     assert report.fidelity["max_abs_diff"] <= report.fidelity["tolerance"]
+    print(f"nanoGPT bf16 (vocab cropped to {size}): converter's logit check max|Δ| {report.fidelity['max_abs_diff']:.3g}")
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
     from transformers import AutoTokenizer, GPT2LMHeadModel
 

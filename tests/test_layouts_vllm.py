@@ -93,6 +93,9 @@ def test_hf_model_on_the_merged_memory_matches_and_gradients_land_there(tie):
                                    atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(merged["model.embed_tokens.weight"].grad, grads["model.embed_tokens.weight"],
                                atol=1e-6, rtol=1e-5)  # tied: head and embedding gradients both land here
+    worst = max(float((merged[f"model.layers.{i}.self_attn.qkv_proj.weight"].grad - torch.cat(
+        [grads[f"model.layers.{i}.self_attn.{p}_proj.weight"] for p in "qkv"])).abs().max()) for i in range(2))
+    print(f"vLLM views tie={tie}: qkv_proj.grad vs cat(q, k, v grads of the HF model) max|Δ| {worst:.3g}")
 
     # an optimizer step on the merged tensors changes what the HF model computes next
     with torch.no_grad():
@@ -120,8 +123,9 @@ def test_qwen35_linear_attention_merges_and_views():
             merged["model.layers.0.linear_attn.in_proj_ba.weight"])
     on_merged = vllm.MergedWeightsModel(vllm.build_meta_hf_model(config), merged, config)
     with torch.no_grad():
-        torch.testing.assert_close(on_merged(input_ids=TOKENS).logits, reference(input_ids=TOKENS).logits,
-                                   atol=1e-5, rtol=1e-5)
+        got, want = on_merged(input_ids=TOKENS).logits, reference(input_ids=TOKENS).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    print(f"vLLM views Qwen3.5 (linear + gated attention): max|Δlogit| {float((got - want).abs().max()):.3g}")
 
 
 def test_language_model_prefix_of_conditional_generation_names():
