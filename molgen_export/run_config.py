@@ -112,7 +112,8 @@ def _resolve(path_text: str | None, launch_dir: Path | None) -> Path | None:
     if not path_text:
         return None
     if not isinstance(path_text, str):
-        raise ConfigError(f"a path in the run config is {type(path_text).__name__} {path_text!r}, not a string",
+        raise ConfigError(f"a path (hf_assets_path or tokenizer path) is {type(path_text).__name__} {path_text!r}, "
+                          "not a string",
                           hint="fix hf_assets_path / tokenizer path in the run config, or pass --hf-assets")
     path = Path(path_text).expanduser()
     if path.is_absolute() or launch_dir is None:
@@ -203,7 +204,9 @@ def parse_run_config(data: dict, source: Path) -> RunConfig:
         config = _parse_run_config(data, source)
     except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
         if isinstance(exc, ConfigError):
-            raise
+            if exc.path is not None:
+                raise
+            raise ConfigError(f"{source}: {exc.args[0]}", path=source, hint=exc.hint) from exc
         # a section that should be a mapping is a number, a list where a dict belongs, ...
         raise ConfigError(f"{source} has an unexpected structure ({type(exc).__name__}: {exc})", path=source,
                           hint="pass the run's job_config.json as TorchTitan wrote it, with --config") from exc
