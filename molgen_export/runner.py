@@ -169,13 +169,17 @@ def load_config(path: Path, dotlist: list[str] | None = None, defaults: Path | N
     for where, load in layers:
         try:
             merged = OmegaConf.merge(merged, load())
-        except OmegaConfBaseException as exc:
+        except (OmegaConfBaseException, TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}".replace("\n", " "), path=Path(where) if where != "the command line"
                               else None, hint="fix the key or value; configs/export.yaml lists every export key") from exc
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {exc}".replace("\n", " "), path=path) from exc
+    except ConfigError:
+        raise
+    except MolgenExportError as exc:  # a value the export options refuse
+        raise ConfigError(f"{path} (with the defaults and overrides): {exc.args[0]}", path=path, hint=exc.hint) from exc
 
 
 @contextmanager
@@ -465,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m molgen_export.runner`; returns training's exit code (2 for a bad config)."""
     from molgen_export import cli
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cli.setup_logging(args)
     if args.verbose < 2 and not args.quiet:  # one line per export from the watcher, not one per stage
         for name in ("molgen_export.export", "molgen_export.fidelity"):

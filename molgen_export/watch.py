@@ -129,10 +129,11 @@ class _Pending:
 
 def filesystem_type(path: Path, mounts_file: Path = Path("/proc/mounts")) -> str:
     """The type of the filesystem holding `path` (or its nearest existing parent), from `/proc/mounts`."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    target = os.path.realpath(path)
+    existing, tail = Path(path).absolute(), []
+    while not existing.exists() and existing != existing.parent:
+        tail.insert(0, existing.name)
+        existing = existing.parent
+    target = os.path.join(os.path.realpath(existing), *tail)
     best, fstype = "", "unknown"
     try:
         lines = Path(mounts_file).read_text().splitlines()
@@ -406,6 +407,21 @@ class Watcher:
 
     # --- worker ------------------------------------------------------------------------------------------
 
+    def export_now(self, step_dir: Path) -> list[StepOutcome]:
+        """Export one step in the caller's thread with the watcher's rules (skip, lock, retries, record, hook).
+
+        Returns:
+            The outcomes, the last one final (`exported`, `skipped`, `vanished`, `gave-up`, ...).
+        """
+        self._draining = True
+        self.submit(Path(step_dir).absolute(), via="hook")
+        self._loop()
+        while not self._hooks.empty():
+            job = self._hooks.get_nowait()
+            if job is not None:
+                self._run_hook(*job)
+        return self.outcomes
+
     def _work(self) -> None:
         if self.watch_options.nice:
             try:
@@ -418,21 +434,24 @@ class Watcher:
             if not self.watch_options.once:
                 self._start_observer()
             self.scan()
-            while True:
-                item = self._take()
-                if item is None:
-                    break
-                self._in_flight = item.step
-                try:
-                    self._process(item)
-                finally:
-                    self._in_flight = None
+            self._loop()
         except ExportAborted:
             pass
         finally:
             if self._observer is not None:
                 self._observer.stop()
             self._hooks.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._take()
+            if item is None:
+                return
+            self._in_flight = item.step
+            try:
+                self._process(item)
+            finally:
+                self._in_flight = None
 
     def _wait_for_root(self) -> bool:
         announced = False

@@ -1,0 +1,323 @@
+"""The watcher on real DCP saves: a background writer saves step after step (shards, then `.metadata` renamed
+into place after a delay) while the watcher runs; crashes, signals, two watchers, purges, failures, hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hooks.demo_trainer import save_checkpoint
+from molgen_export import export
+from molgen_export.config import ExportOptions
+from molgen_export.watch import (
+    Watcher,
+    WatchOptions,
+    failure_record_path,
+    filesystem_type,
+    is_network_filesystem,
+    polling_interval,
+    read_journal,
+    step_dir_for_event,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ExportOptions(skip_logits=True, threads=1)
+QUIET = dict(nice=0, rescan=0, retry_backoff=0.1)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def exported_counts(export_root: Path) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for entry in read_journal(export_root):
+        if entry["event"] == "step" and entry["status"] == "exported":
+            counts[entry["step"]] = counts.get(entry["step"], 0) + 1
+    return counts
+
+
+def assert_no_partial_output(export_root: Path) -> None:
+    if not export_root.is_dir():
+        return
+    for child in export_root.iterdir():
+        assert ".tmp-" not in child.name and ".old-" not in child.name, f"leftover temporary folder {child}"
+        if child.name.endswith("-hf"):
+            assert (child / export.REPORT_FILE).is_file(), f"{child} was published without its report"
+
+
+class BackgroundWriter(threading.Thread):
+    """Saves real DCP checkpoints of the run's model, one step after another, like TorchTitan's CheckpointManager."""
+
+    def __init__(self, checkpoint_root: Path, arch, steps, *, commit_delay: float = 0.3, gap: float = 0.2):
+        super().__init__(daemon=True)
+        self.checkpoint_root, self.arch, self.steps = checkpoint_root, arch, steps
+        self.commit_delay, self.gap = commit_delay, gap
+        self.error: BaseException | None = None
+
+    def run(self):
+        import torch
+
+        from molgen_export.demo import build_model, titan_checkpoint_state
+
+        try:
+            model = build_model(self.arch, seed=1)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            for step in self.steps:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.01 * step)
+                time.sleep(self.gap)
+                save_checkpoint(titan_checkpoint_state(model, optimizer, step), self.checkpoint_root / f"step-{step}",
+                                self.commit_delay)
+        except BaseException as exc:  # surfaced by the test
+            self.error = exc
+
+
+def make_in_progress_step(run, step: int) -> Path:
+    """A step folder with its shards but no `.metadata`, as DCP leaves it mid-save."""
+    scratch = run.workdir / f"scratch-{step}"
+    shutil.copytree(run.steps[0], scratch)
+    step_dir = run.checkpoint_root / f"step-{step}"
+    step_dir.mkdir()
+    for shard in scratch.glob("*.distcp"):
+        shutil.copy2(shard, step_dir / shard.name)
+    return step_dir
+
+
+def test_event_paths_pick_step_metadata_and_ignore_our_own_files(tmp_path):
+    root = tmp_path / "checkpoint"
+    assert step_dir_for_event(root, str(root / "step-10" / ".metadata")) == (root / "step-10", "metadata")
+    assert step_dir_for_event(root, str(root / "step-10")) == (root / "step-10", "dir")
+    for ignored in ("step-10-hf/.metadata", "step-10/.metadata.tmp", "step-10/__0_0.distcp",
+                    ".step-10-hf.tmp-1-ab/config.json", ".step-10-hf.lock", "step-10/sharded/.metadata",
+                    "config.json", "step-x/.metadata"):
+        assert step_dir_for_event(root, str(root / ignored)) is None, ignored
+    assert step_dir_for_event(root, str(tmp_path / "elsewhere" / "step-1" / ".metadata")) is None
+
+
+def test_polling_is_chosen_on_network_filesystems(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\n"
+                      f"server:/export {tmp_path}/nfs nfs4 rw 0 0\n"
+                      f"lustre@tcp:/fs {tmp_path}/lustre lustre rw 0 0\n"
+                      f"sshfs {tmp_path}/fuse fuse.sshfs rw 0 0\n")
+    assert filesystem_type(tmp_path / "nfs" / "run" / "checkpoint", mounts) == "nfs4"
+    assert filesystem_type(tmp_path / "local", mounts) == "ext4"
+    assert all(is_network_filesystem(t) for t in ("nfs", "nfs4", "lustre", "gpfs", "cifs", "fuse.sshfs"))
+    assert not any(is_network_filesystem(t) for t in ("ext4", "xfs", "tmpfs", "btrfs", "overlay"))
+    assert polling_interval(tmp_path / "lustre" / "ckpt", "auto", mounts) == 10.0
+    assert polling_interval(tmp_path / "fuse" / "ckpt", "auto", mounts) == 10.0
+    assert polling_interval(tmp_path / "local", "auto", mounts) is None
+    assert polling_interval(tmp_path / "nfs", "off", mounts) is None
+    assert polling_interval(tmp_path / "local", "2.5", mounts) == 2.5
+
+
+@pytest.mark.parametrize("poll", ["off", "0.2"], ids=["inotify", "polling"])
+def test_background_saves_each_complete_step_exported_once(demo_run, poll):
+    in_progress = make_in_progress_step(demo_run, 50)
+    in_progress_files = sorted(p.name for p in in_progress.iterdir())
+    writer = BackgroundWriter(demo_run.checkpoint_root, demo_run.arch, [30, 40])
+    watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll=poll, **QUIET))
+    watcher.start()
+    writer.start()
+    try:
+        wait_until(lambda: {10, 20, 30, 40} <= set(exported_counts(watcher.export_root)), 60, "four exports")
+    finally:
+        watcher.stop()
+        assert watcher.join(30)
+    assert writer.error is None
+    assert exported_counts(watcher.export_root) == {10: 1, 20: 1, 30: 1, 40: 1}
+    assert watcher.mode == ("inotify" if poll == "off" else "poll")
+    # the in-progress step was never read, queued or exported
+    assert sorted(p.name for p in in_progress.iterdir()) == in_progress_files
+    assert not (watcher.export_root / "step-50-hf").exists()
+    assert 50 not in {o.step for o in watcher.outcomes}
+    exported = {o.step: o for o in watcher.outcomes if o.status == "exported"}
+    assert [o.step for o in watcher.outcomes if o.status == "exported"][:2] == [10, 20]  # found at start, in order
+    for step in (30, 40):  # found by the observer, not the start-up scan
+        assert exported[step].detected_via == watcher.mode
+        assert 0 <= exported[step].start_latency_s < 10
+    for step in (10, 20, 30, 40):
+        step_dir = demo_run.checkpoint_root / f"step-{step}"
+        report = json.loads((watcher.export_root / f"step-{step}-hf" / export.REPORT_FILE).read_text())
+        assert report["source_fingerprint"] == export.source_fingerprint(step_dir)
+    assert_no_partial_output(watcher.export_root)
+
+
+def test_two_watchers_on_one_root_export_each_step_once(demo_run):
+    writer = BackgroundWriter(demo_run.checkpoint_root, demo_run.arch, [30], commit_delay=0.1)
+    watchers = [Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll="off", locked_recheck=0.2, **QUIET))
+                for _ in range(2)]
+    for watcher in watchers:
+        watcher.start()
+    writer.start()
+    export_root = watchers[0].export_root
+    try:
+        wait_until(lambda: {10, 20, 30} <= set(exported_counts(export_root)), 60, "three exports")
+        time.sleep(0.5)  # let the second watcher look at every step again
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+            assert watcher.join(30)
+    assert exported_counts(export_root) == {10: 1, 20: 1, 30: 1}
+    for step in (10, 20, 30):
+        statuses = sorted(o.status for w in watchers for o in w.outcomes if o.step == step and o.status != "locked")
+        assert statuses == ["exported", "skipped"], (step, statuses)
+    assert_no_partial_output(export_root)
+
+
+def test_step_deleted_mid_read_ends_cleanly_and_later_steps_export(demo_run, monkeypatch):
+    from molgen_export import dcp_read
+
+    real_read_step_metadata = dcp_read.read_step_metadata
+    purged = demo_run.checkpoint_root / "step-10"
+
+    def read_then_purge(step_dir, *args, **kwargs):
+        meta = real_read_step_metadata(step_dir, *args, **kwargs)
+        if step_dir == purged:
+            shutil.rmtree(purged)  # TorchTitan's keep_latest_k purge, after the metadata, before the shards
+        return meta
+
+    monkeypatch.setattr(dcp_read, "read_step_metadata", read_then_purge)
+    watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(once=True, **QUIET))
+    outcomes = watcher.run()
+    assert [(o.step, o.status) for o in outcomes] == [(10, "vanished"), (20, "exported")]
+    assert "deleted while it was read" in outcomes[0].error
+    assert not (watcher.export_root / "step-10-hf").exists()
+    assert not failure_record_path(watcher.export_root / "step-10-hf").exists()  # no retry, no failure
+    assert_no_partial_output(watcher.export_root)
+
+
+def test_failed_step_is_recorded_retried_then_given_up_and_not_retried_after_restart(demo_run):
+    shard = next((demo_run.checkpoint_root / "step-10").glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    options = WatchOptions(once=True, retries=1, **QUIET)
+    outcomes = Watcher(demo_run.checkpoint_root, FAST, options).run()
+    assert [(o.step, o.status) for o in outcomes] == [(10, "failed"), (20, "exported"), (10, "gave-up")]
+    export_root = Watcher(demo_run.checkpoint_root, FAST).export_root
+    record = json.loads(failure_record_path(export_root / "step-10-hf").read_text())
+    assert record["attempts"] == 2 and record["gave_up"] and "truncated" in record["error"]
+    assert record["error_type"] == "CheckpointFormatError"
+    # a restarted watcher does not hammer the same broken save again
+    again = Watcher(demo_run.checkpoint_root, FAST, options).run()
+    assert [(o.step, o.status) for o in again] == [(10, "gave-up"), (20, "skipped")]
+    assert "delete" in again[0].error
+    failure_record_path(export_root / "step-10-hf").unlink()  # the documented way to try again
+    assert [o.status for o in Watcher(demo_run.checkpoint_root, FAST, options).run()][0] == "failed"
+    assert_no_partial_output(export_root)
+
+
+def test_on_export_commands_run_and_their_failure_is_recorded(demo_run):
+    marker = demo_run.workdir / "hook-ran.txt"
+    hook = f'{{python}} -c "import sys; open(sys.argv[1], \'a\').write(sys.argv[2] + chr(10)); sys.exit(int(sys.argv[2]) // 10 - 1)" {marker} {{step}}'
+    watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(once=True, on_export=hook, **QUIET))
+    outcomes = watcher.run()
+    assert [o.status for o in outcomes] == ["exported", "exported"]
+    assert marker.read_text().split() == ["10", "20"]
+    hooks = [e for e in read_journal(watcher.export_root) if e["event"] == "on_export"]
+    assert [(e["step"], e["exit_code"]) for e in hooks] == [(10, 0), (20, 1)]  # step-20's hook failed, recorded
+    assert hooks[0]["argv"][-2:] == [str(marker), "10"]
+
+
+def test_until_pid_drains_and_exits_after_the_process_ends(demo_run):
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    writer = BackgroundWriter(demo_run.checkpoint_root, demo_run.arch, [30], commit_delay=0.1, gap=0.0)
+    writer.start()
+    watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll="off", until_pid=trainer.pid, **QUIET))
+    thread = threading.Thread(target=watcher.run, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    thread.join(30)
+    trainer.wait()
+    assert not thread.is_alive()
+    assert time.monotonic() - started >= 0.9
+    writer.join(10)
+    assert {o.step for o in watcher.outcomes if o.status == "exported"} == {10, 20, 30}
+
+
+def test_stop_aborts_the_export_in_flight_without_partial_output(demo_run):
+    started = threading.Event()
+    options = ExportOptions(threads=1)  # with the logit check: long enough to be caught mid-export
+    watcher = Watcher(demo_run.checkpoint_root, options, WatchOptions(poll="off", **QUIET),
+                      before_export=lambda step_dir: started.set())
+    watcher.start()
+    assert started.wait(30)
+    time.sleep(0.05)
+    watcher.stop(grace=0)
+    assert watcher.join(30)
+    assert [(o.step, o.status) for o in watcher.outcomes] == [(10, "aborted")]
+    assert not (watcher.export_root / "step-10-hf").exists()
+    assert_no_partial_output(watcher.export_root)
+
+
+def _watch_process(root: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "molgen_export", "watch", str(root), "--poll", "off",
+                             "--threads", "1", "--nice", "0", *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_temp_dir(export_root: Path, process: subprocess.Popen) -> Path:
+    def temp():
+        assert process.poll() is None, process.stdout.read()
+        pattern = f".step-*-hf.tmp-{process.pid}-*"
+        return next(iter(export_root.glob(pattern)), None) if export_root.is_dir() else None
+    return wait_until(temp, 60, "an export in flight", interval=0.005)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_export_then_sigterm_then_restart_leaves_the_full_verified_set(demo_run):
+    export_root = Watcher(demo_run.checkpoint_root).export_root
+    killed = _watch_process(demo_run.checkpoint_root)
+    _wait_for_temp_dir(export_root, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    assert not any(p.name.endswith("-hf") and not (p / export.REPORT_FILE).exists() for p in export_root.iterdir())
+
+    stopped = _watch_process(demo_run.checkpoint_root, "--grace", "0")
+    _wait_for_temp_dir(export_root, stopped)
+    stopped.send_signal(signal.SIGTERM)
+    out, _ = stopped.communicate(timeout=60)
+    assert stopped.returncode == 0, out
+    assert "aborted" in out or "exported" in out
+    assert not list(export_root.glob(f".step-*-hf.tmp-{stopped.pid}-*"))
+
+    restarted = _watch_process(demo_run.checkpoint_root, "--once")
+    out, _ = restarted.communicate(timeout=120)
+    assert restarted.returncode == 0, out
+    assert_no_partial_output(export_root)
+    for step in (10, 20):
+        report = json.loads((export_root / f"step-{step}-hf" / export.REPORT_FILE).read_text())
+        assert report["status"] == "exported" and report["fidelity"]["max_abs_diff"] <= 1e-3  # fully verified
+    assert all(n == 1 for n in exported_counts(export_root).values())
+    assert set(exported_counts(export_root)) == {10, 20}
+
+
+def test_cli_once_prints_a_line_per_step_and_exits_1_when_a_step_gives_up(demo_run, capsys):
+    from molgen_export import cli
+
+    shard = next((demo_run.checkpoint_root / "step-20").glob("*.distcp"))
+    shard.write_bytes(b"")
+    code = cli.main(["watch", str(demo_run.checkpoint_root), "--once", "--skip-logits", "--retries", "0",
+                     "--nice", "0", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "step-10  ok" in out and "step-20  gave-up" in out and "watch ended (scan): 1 exported, 1 gave-up" in out
+    assert cli.main(["watch", str(demo_run.checkpoint_root), "--poll", "sometimes"]) == 2
