@@ -179,3 +179,21 @@ def test_every_conversion_has_help_with_examples(command, capsys):
     assert main([command, "--help"]) == 0
     text = capsys.readouterr().out
     assert f"molgen-export {command}" in text and "examples:" in text
+
+
+def test_nan_in_the_source_is_refused_naming_both_keys(hf_folders, tmp_path):
+    from safetensors.torch import save_file
+
+    from molgen_export.errors import VerificationError
+    from molgen_export.layouts.hf_titan import import_hf
+
+    folder = tmp_path / "nan"
+    shutil.copytree(hf_folders["untied-fp32"], folder)
+    state = {k: open_weights_folder(folder).read(k) for k in open_weights_folder(folder).model}
+    state["model.layers.1.self_attn.k_proj.weight"][3, 4] = float("nan")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(VerificationError) as info:
+        import_hf(folder, tmp_path / "out", fmt="dcp")
+    assert "layers.1.attention.qkv_linear.wk.weight" in str(info.value)
+    assert "model.layers.1.self_attn.k_proj.weight" in str(info.value) and "1 NaN" in str(info.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))  # no leftovers

@@ -220,7 +220,7 @@ def import_hf(hf_dir: Path, output_dir: Path, *, fmt: str = "safetensors", dtype
                 del state
         fidelity_json = None
         with timer.stage("verify"):
-            written_finding, titan_state = read_back(temp_dir, fmt, planned)
+            written_finding, titan_state = read_back(temp_dir, fmt, planned, tensors=verify)
             findings.append(written_finding)
             checks.raise_on_failures(findings, str(hf_dir))
             if verify:
@@ -248,7 +248,7 @@ def import_hf(hf_dir: Path, output_dir: Path, *, fmt: str = "safetensors", dtype
 def _count_nonfinite(bad: list, hf_key: str, titan_key: str, tensor: torch.Tensor) -> None:
     nan, inf = checks.count_nonfinite(tensor)
     if nan or inf:
-        bad.append((hf_key, titan_key, nan, inf))
+        bad.append((titan_key, hf_key, nan, inf))  # nonfinite_finding's order: written key, then HF key
 
 
 def verify_import_logits(arch: architecture.Qwen3Arch, titan_state: dict[str, torch.Tensor], hf_dir: Path, *,

@@ -302,7 +302,7 @@ def convert_nanogpt(checkpoint: Path, output_dir: Path, *, dtype: str = "float32
     nonfinite: list[tuple[str, str, int, int]] = []
     rounded: dict[str, torch.Tensor] = {}  # nanoGPT layout, rounded to the export dtype: the reference's weights
     planned: list[write.PlannedTensor] = []
-    for hf_key, (source_key, shape) in plan.items():
+    for hf_key, (nanogpt_key, shape) in plan.items():
         if hf_key in ("transformer.wte.weight", "lm_head.weight"):
             shape = (keep_rows, *shape[1:])
         transposed = hf_key.endswith(CONV1D_WEIGHTS)
@@ -313,22 +313,22 @@ def convert_nanogpt(checkpoint: Path, output_dir: Path, *, dtype: str = "float32
         try:
             with timer.stage("write"):
                 for tensor_plan in planned:
-                    source_key, shape = plan[tensor_plan.hf_key]
-                    tensor = state[source_key] if source_key else torch.zeros(shape, dtype=torch.float32)
+                    nanogpt_key, shape = plan[tensor_plan.hf_key]
+                    tensor = state[nanogpt_key] if nanogpt_key else torch.zeros(shape, dtype=torch.float32)
                     if tensor_plan.hf_key in ("transformer.wte.weight", "lm_head.weight"):
                         tensor = tensor[:keep_rows]
                     nan, inf = checks.count_nonfinite(tensor)
                     if nan or inf:
-                        nonfinite.append((source_key or "", tensor_plan.hf_key, nan, inf))
+                        nonfinite.append((nanogpt_key or "", tensor_plan.hf_key, nan, inf))
                     if torch_dtype == torch.float16:
                         over = int((tensor.float().abs() > FP16_MAX).sum()) if tensor.is_floating_point() else 0
                         if over:
-                            warnings.append(f"`{source_key}` (HF `{tensor_plan.hf_key}`): {over} value(s) beyond "
+                            warnings.append(f"`{nanogpt_key}` (HF `{tensor_plan.hf_key}`): {over} value(s) beyond "
                                             f"±{FP16_MAX:.0f} overflow to inf in float16; use --dtype bfloat16")
                             logger.warning(warnings[-1])
                     value = tensor.to(torch_dtype)
                     if verify:
-                        rounded[source_key or tensor_plan.hf_key] = value
+                        rounded[nanogpt_key or tensor_plan.hf_key] = value
                     writer.write(tensor_plan.hf_key, (value.t() if tensor_plan.hf_key.endswith(CONV1D_WEIGHTS)
                                                       else value).contiguous())
                 findings.append(checks.nonfinite_finding(nonfinite, len(planned)))

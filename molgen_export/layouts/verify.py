@@ -15,28 +15,30 @@ from molgen_export.layouts.folder_read import open_weights_folder
 logger = logging.getLogger(__name__)
 
 
-def read_back(folder: Path, fmt: str, planned: dict[str, write.PlannedTensor]) -> tuple[checks.Finding, dict]:
+def read_back(folder: Path, fmt: str, planned: dict[str, write.PlannedTensor], *,
+              tensors: bool = True) -> tuple[checks.Finding, dict]:
     """Re-open what was written: names, dtypes and shapes as planned, and the tensors (for a logit check).
 
     Args:
         folder: the folder just written.
         fmt: `safetensors` (model.safetensors or shards with an index) or `dcp`.
         planned: key -> what was meant to be written.
+        tensors: also read the tensors back (else only headers and metadata).
 
     Returns:
-        A `written_files` finding and key -> tensor as read from disk.
+        A `written_files` finding and key -> tensor as read from disk (empty without `tensors`).
     """
     if fmt == "safetensors":
         finding = fidelity.check_written_tensors(folder, planned)
         written = open_weights_folder(folder)
-        return finding, {k: written.read(k) for k in written.model}
+        return finding, {k: written.read(k) for k in written.model} if tensors else {}
     meta = dcp_read.read_step_metadata(folder)
     problems = [f"`{k}` missing" for k in sorted(set(planned) - set(meta.model))]
     problems += [f"unplanned `{k}`" for k in sorted(set(meta.model) - set(planned))]
     problems += [f"`{k}` is {meta.model[k].dtype} {list(meta.model[k].shape)}, planned {p.dtype} {list(p.shape)}"
                  for k, p in planned.items() if k in meta.model
                  and (meta.model[k].dtype, tuple(meta.model[k].shape)) != (p.dtype, tuple(p.shape))]
-    state = {k: meta.read(k) for k in meta.model}
+    state = {k: meta.read(k) for k in meta.model} if tensors else {}
     if problems:
         return checks.Finding("written_files", False, "; ".join(problems[:10])), state
     return checks.Finding("written_files", True, f"{len(meta.model)} tensors re-read from the DCP metadata and "
