@@ -16,6 +16,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ def demo_job_config():
 
     Called by the runner in the launch directory, where it also makes the demo's base assets.
     """
-    import warnings
-
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.config import TrainingConfig
     from torchtitan.models.qwen3 import Qwen3StateDictAdapter, parallelize_qwen3
@@ -66,8 +65,6 @@ def demo_job_config():
 
 def save_checkpoint(state: dict, step_dir: Path, commit_delay: float = 0.0) -> None:
     """Save with torch.distributed.checkpoint: shards, then (after `commit_delay` s) `.metadata.tmp` -> `.metadata`."""
-    import warnings
-
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
@@ -129,7 +126,7 @@ def train(job_config: Path, *, commit_delay: float = 0.0, step_time: float = 0.0
             step_dir = checkpoint_root / f"step-{step}"
             begin = time.perf_counter()
             save_checkpoint(titan_checkpoint_state(model, optimizer, step), step_dir, commit_delay)
-            logger.info("step %d loss %.3f; saved %s in %.2f s", step, float(loss), step_dir,
+            logger.info("step %d loss %.3f; saved %s in %.2f s", step, loss.item(), step_dir,
                         time.perf_counter() - begin)
             saved.append(step_dir)
             purge(checkpoint_root, int(checkpoint.get("keep_latest_k", 0) or 0))
@@ -146,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exit-code", type=int, default=0, help="exit with this code after training (tests)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer: %(message)s", stream=sys.stderr)
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     if not args.job_config.is_file():
         print(f"error: {args.job_config} does not exist (the runner writes it before training starts)",
               file=sys.stderr)

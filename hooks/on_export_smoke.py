@@ -19,7 +19,9 @@ def smoke_test(hf_dir: Path, prompt: str = "CC(=O)O", max_new_tokens: int = 8) -
     """Load `hf_dir` (no remote code) and generate greedily from `prompt`; returns what happened."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto")
@@ -30,7 +32,7 @@ def smoke_test(hf_dir: Path, prompt: str = "CC(=O)O", max_new_tokens: int = 8) -
                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     return {"hf_dir": str(hf_dir), "load_s": round(loaded, 3), "prompt": prompt,
-            "generated": tokenizer.decode(new_tokens, skip_special_tokens=False), "new_tokens": int(new_tokens.numel()),
+            "generated": tokenizer.decode(new_tokens, skip_special_tokens=False), "generated_ids": new_tokens.tolist(),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 

@@ -28,7 +28,7 @@ from molgen_export.config import ExportOptions
 from molgen_export.errors import ConfigError, MolgenExportError, UsageError
 from molgen_export.watch import Watcher, WatchOptions, describe_outcome
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("molgen_export.runner" if __name__ == "__main__" else __name__)
 
 DEFAULTS_FILE = "export.yaml"
 """Looked for beside the run's YAML; its keys sit under the built-in defaults and over nothing else."""
@@ -471,9 +471,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_intermixed_args(argv)
     cli.setup_logging(args)
-    if args.verbose < 2 and not args.quiet:  # one line per export from the watcher, not one per stage
-        for name in ("molgen_export.export", "molgen_export.fidelity"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if args.verbose < 2 and not args.quiet:  # the runner's and the watcher's lines, not one per export stage
+        logging.getLogger("molgen_export").setLevel(logging.WARNING)
+        for name in ("molgen_export.watch", "molgen_export.runner"):
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         config = load_config(args.config, args.dotlist, args.defaults)
         if args.print_config:

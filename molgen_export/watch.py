@@ -54,7 +54,8 @@ class WatchOptions:
     """How the watcher finds, schedules and follows up exports. Field names are the CLI flags and YAML keys."""
 
     poll: str = "auto"
-    """`auto` (polling on network filesystems, inotify elsewhere), `off` (inotify), or the polling interval in s."""
+    """`auto` (polling on network filesystems, inotify elsewhere), `off` or `0` (inotify), or the polling interval
+    in seconds."""
     retries: int = 3
     """Attempts after the first for a step whose export failed; 0 never retries."""
     retry_backoff: float = 30.0
@@ -78,6 +79,8 @@ class WatchOptions:
     """Once this process has ended, export what is left and exit."""
 
     def __post_init__(self) -> None:
+        if self.poll in ("0", "0.0", "false", "False", "inotify"):
+            object.__setattr__(self, "poll", "off")
         if self.poll not in ("auto", "off"):
             try:
                 seconds = float(self.poll)
@@ -567,7 +570,10 @@ class Watcher:
             logger.debug("step-%d has no .metadata yet; waiting for it", item.step)
             return
         if export.export_state(step_dir, options) == "exported":
-            self._record(outcome("skipped"))
+            if item.step in self._finished:  # a late event for a step this watcher already handled
+                logger.debug("step-%d already handled in this session", item.step)
+            else:
+                self._record(outcome("skipped"))
             return
         if item.attempts == 0 and self._gave_up_before(step_dir, output_dir):
             self._record(outcome("gave-up", error=f"gave up in an earlier run; delete "
@@ -618,8 +624,11 @@ class Watcher:
         started = time.time()
         latency = {"detect_latency_s": round(max(0.0, item.seen_at - mtime), 3),
                    "start_latency_s": round(max(0.0, started - mtime), 3)}
-        logger.info("step-%d: export starts %.2f s after .metadata appeared (seen after %.2f s, via %s)",
-                    item.step, latency["start_latency_s"], latency["detect_latency_s"], item.via)
+        with self._cond:
+            waiting = sorted(self._pending)
+        logger.info("step-%d: export starts %.2f s after .metadata appeared (seen after %.2f s, via %s)%s",
+                    item.step, latency["start_latency_s"], latency["detect_latency_s"], item.via,
+                    f"; {len(waiting)} more queued (step-{waiting[0]} first)" if waiting else "")
         self._exporting = step_dir
         try:
             if self.before_export is not None:
