@@ -135,6 +135,7 @@ def test_background_saves_each_complete_step_exported_once(demo_run, poll):
     writer = BackgroundWriter(demo_run.checkpoint_root, demo_run.arch, [30, 40])
     watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll=poll, **QUIET))
     watcher.start()
+    wait_until(lambda: watcher.mode != "starting", 30, "the observer")  # new saves are then seen, not scanned
     writer.start()
     try:
         wait_until(lambda: {10, 20, 30, 40} <= set(exported_counts(watcher.export_root)), 60, "four exports")
@@ -168,17 +169,20 @@ def test_two_watchers_on_one_root_export_each_step_once(demo_run):
         watcher.start()
     writer.start()
     export_root = watchers[0].export_root
+
+    def final_statuses(step):
+        return sorted(o.status for w in watchers for o in list(w.outcomes) if o.step == step and o.status != "locked")
+
     try:
-        wait_until(lambda: {10, 20, 30} <= set(exported_counts(export_root)), 60, "three exports")
-        time.sleep(0.5)  # let the second watcher look at every step again
+        wait_until(lambda: all(len(final_statuses(step)) >= 2 for step in (10, 20, 30)), 60,
+                   "both watchers to settle every step")
     finally:
         for watcher in watchers:
             watcher.stop()
             assert watcher.join(30)
     assert exported_counts(export_root) == {10: 1, 20: 1, 30: 1}
     for step in (10, 20, 30):
-        statuses = sorted(o.status for w in watchers for o in w.outcomes if o.step == step and o.status != "locked")
-        assert statuses == ["exported", "skipped"], (step, statuses)
+        assert final_statuses(step) == ["exported", "skipped"], step
     assert_no_partial_output(export_root)
 
 
@@ -237,33 +241,44 @@ def test_on_export_commands_run_and_their_failure_is_recorded(demo_run):
 
 
 def test_until_pid_drains_and_exits_after_the_process_ends(demo_run):
-    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     writer = BackgroundWriter(demo_run.checkpoint_root, demo_run.arch, [30], commit_delay=0.1, gap=0.0)
-    writer.start()
     watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll="off", until_pid=trainer.pid, **QUIET))
     thread = threading.Thread(target=watcher.run, daemon=True)
-    started = time.monotonic()
     thread.start()
+    writer.start()
+    writer.join(30)
+    time.sleep(0.3)
+    assert thread.is_alive()  # still watching while the process runs
+    trainer.terminate()  # not reaped yet: a zombie counts as ended
     thread.join(30)
-    trainer.wait()
     assert not thread.is_alive()
-    assert time.monotonic() - started >= 0.9
-    writer.join(10)
+    trainer.wait()
     assert {o.step for o in watcher.outcomes if o.status == "exported"} == {10, 20, 30}
 
 
-def test_stop_aborts_the_export_in_flight_without_partial_output(demo_run):
-    started = threading.Event()
-    options = ExportOptions(threads=1)  # with the logit check: long enough to be caught mid-export
-    watcher = Watcher(demo_run.checkpoint_root, options, WatchOptions(poll="off", **QUIET),
-                      before_export=lambda step_dir: started.set())
+def test_stop_aborts_the_export_in_flight_without_partial_output(demo_run, monkeypatch):
+    from molgen_export import write
+
+    real_publish = write.publish
+    at_publish = threading.Event()
+
+    def slow_publish(temp_dir, final_dir):  # the export is complete in its temp dir, one rename from published
+        at_publish.set()
+        for _ in range(500):
+            time.sleep(0.01)  # the abort lands between these sleeps
+        real_publish(temp_dir, final_dir)
+
+    monkeypatch.setattr(write, "publish", slow_publish)
+    watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll="off", **QUIET))
     watcher.start()
-    assert started.wait(30)
-    time.sleep(0.05)
+    assert at_publish.wait(30)
+    assert list(watcher.export_root.glob(".step-10-hf.tmp-*"))
     watcher.stop(grace=0)
     assert watcher.join(30)
     assert [(o.step, o.status) for o in watcher.outcomes] == [(10, "aborted")]
     assert not (watcher.export_root / "step-10-hf").exists()
+    assert not list(watcher.export_root.glob(".step-10-hf.tmp-*"))
     assert_no_partial_output(watcher.export_root)
 
 
