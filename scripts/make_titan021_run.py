@@ -77,6 +77,8 @@ torchtitan:
 export:
   enabled: true
   poll: 0
+  retries: 1
+  retry_backoff: 2.0
 '''
 
 
