@@ -25,7 +25,7 @@ from typing import Any
 
 from molgen_export import discover, run_config
 from molgen_export.config import ExportOptions
-from molgen_export.errors import ConfigError, MolgenExportError, UsageError
+from molgen_export.errors import ConfigError, MolgenExportError, OutputError, UsageError
 from molgen_export.watch import Watcher, WatchOptions, describe_outcome
 
 logger = logging.getLogger("molgen_export.runner" if __name__ == "__main__" else __name__)
@@ -200,10 +200,10 @@ def _apply_overrides(data: dict, overrides: list[str]) -> None:
         i += 1
         if not arg.startswith("--"):
             continue
-        key, _, value = arg[2:].partition("=")
-        if not _ and (i >= len(overrides) or overrides[i].startswith("--")):
+        key, equals, value = arg[2:].partition("=")
+        if not equals and (i >= len(overrides) or overrides[i].startswith("--")):
             value = "true"
-        elif not _:
+        elif not equals:
             value, i = overrides[i], i + 1
         try:
             parsed = json.loads(value)
@@ -343,6 +343,23 @@ class _CheckpointConfigWriter:
             logger.info("wrote %s", path)
 
 
+def _write_job_config(plan: RunPlan) -> None:
+    """Write `<dump_folder>/job_config.json` atomically (a temporary name, then a rename).
+
+    Raises:
+        OutputError: the dump folder cannot be written.
+    """
+    try:
+        plan.dump_folder.mkdir(parents=True, exist_ok=True)
+        temp = plan.job_config_path.with_name(f".{plan.job_config_path.name}.tmp-{os.getpid()}")
+        temp.write_text(json.dumps(plan.job_config, indent=2) + "\n")
+        os.replace(temp, plan.job_config_path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {plan.job_config_path}: {exc.strerror or exc}", path=plan.job_config_path,
+                          hint="make torchtitan.dump_folder writable, or point it elsewhere") from exc
+    logger.info("wrote %s", plan.job_config_path)
+
+
 def _exit_status(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
 
@@ -360,11 +377,7 @@ def run(config: RunnerConfig, *, on_outcome=None) -> int:
     plan = plan_run(config)
     main_role = config.role == "main"
     if main_role:
-        plan.dump_folder.mkdir(parents=True, exist_ok=True)
-        temp = plan.job_config_path.with_name(f".{plan.job_config_path.name}.tmp-{os.getpid()}")
-        temp.write_text(json.dumps(plan.job_config, indent=2) + "\n")
-        os.replace(temp, plan.job_config_path)
-        logger.info("wrote %s", plan.job_config_path)
+        _write_job_config(plan)
         if config.export.enabled and checkpoint_enabled(plan.job_config) is False:
             logger.warning("export is on but the job config has checkpointing off: nothing will be exported "
                            "(add --checkpoint.enable to torchtitan.overrides)")
@@ -375,27 +388,31 @@ def run(config: RunnerConfig, *, on_outcome=None) -> int:
                           config.export.watch_options(), before_export=writer.maybe_write, on_outcome=on_outcome)
     env = {**os.environ, **config.torchtitan.env, RUNNER_ENV: "1",
            "MOLGEN_EXPORT_JOB_CONFIG": str(plan.job_config_path)}
-    logger.info("launching training in %s: %s", plan.workdir, " ".join(plan.command))
-    try:
-        child = subprocess.Popen(plan.command, cwd=plan.workdir, env=env, start_new_session=True)
-    except OSError as exc:
-        raise UsageError(f"cannot start training ({plan.command[0]}): {exc}",
-                         hint="check torchtitan.launcher / torchtitan.command") from exc
-    if watcher is not None:
-        watcher.start()
-    interrupted = {"signal": None, "at": 0.0}
+    state: dict[str, Any] = {"child": None, "signal": None, "at": 0.0}
 
     def on_signal(signum, _frame):
-        first = interrupted["signal"] is None
-        interrupted["signal"], interrupted["at"] = signum, time.monotonic()
+        first = state["signal"] is None
+        state["signal"], state["at"] = signum, time.monotonic()
         logger.warning("%s: stopping training and the watcher", signal.Signals(signum).name)
-        _signal_group(child, signum)
+        if state["child"] is not None:
+            _signal_group(state["child"], signum)
         if watcher is not None:
             watcher.stop(grace=config.export.grace if first else 0.0)
 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     try:
+        logger.info("launching training in %s: %s", plan.workdir, " ".join(plan.command))
+        try:
+            child = state["child"] = subprocess.Popen(plan.command, cwd=plan.workdir, env=env,
+                                                      start_new_session=True)
+        except OSError as exc:
+            raise UsageError(f"cannot start training ({plan.command[0]}): {exc}",
+                             hint="check torchtitan.launcher / torchtitan.command") from exc
+        if state["signal"] is not None:  # interrupted while it was starting
+            _signal_group(child, state["signal"])
+        if watcher is not None:
+            watcher.start()
         while True:
             try:
                 returncode = child.wait(timeout=0.5)
@@ -404,21 +421,22 @@ def run(config: RunnerConfig, *, on_outcome=None) -> int:
                 pass
             if main_role:
                 _quietly(writer.maybe_write)
-            if interrupted["signal"] and time.monotonic() - interrupted["at"] > config.torchtitan.stop_timeout:
+            if state["signal"] and time.monotonic() - state["at"] > config.torchtitan.stop_timeout:
                 logger.warning("training did not stop within %.0f s; killing it", config.torchtitan.stop_timeout)
                 _signal_group(child, signal.SIGKILL)
         if main_role:
             _quietly(writer.maybe_write)
         logger.info("training exited with %d", returncode)
         if watcher is not None:
-            if interrupted["signal"] is None:
+            if state["signal"] is None:
                 logger.info("exporting the checkpoints still queued")
                 watcher.drain()
-            watcher.join(None if interrupted["signal"] is None else config.export.grace + 30)
+            watcher.join(None if state["signal"] is None else config.export.grace + 30)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if child.poll() is None:
+        child = state["child"]
+        if child is not None and child.poll() is None:
             _signal_group(child, signal.SIGKILL)
             child.wait()
     return _exit_status(returncode)
