@@ -70,12 +70,33 @@ def check_tied_weights(embedding: torch.Tensor, head: torch.Tensor | None, run_s
         The finding and whether to write the model tied.
     """
     if head is None:
-        return Finding("tied_weights", True, "checkpoint has no head tensor; exported tied to the embedding"), True
+        return tied_weights_finding(has_head=False, equal=True, max_diff=None, run_says_tied=run_says_tied)
     equal = embedding.shape == head.shape and torch.equal(embedding, head)
+    diff = None
+    if not equal and run_says_tied:
+        diff = (embedding.float() - head.float()).abs().max().item() if embedding.shape == head.shape else float("nan")
+    return tied_weights_finding(has_head=True, equal=equal, max_diff=diff, run_says_tied=run_says_tied)
+
+
+def tied_weights_finding(*, has_head: bool, equal: bool, max_diff: float | None,
+                         run_says_tied: bool) -> tuple[Finding, bool]:
+    """The tied-weights decision once the head and the embedding were compared (whole, or piece by piece).
+
+    Args:
+        has_head: the checkpoint stores a head tensor.
+        equal: the head equals the embedding bit for bit.
+        max_diff: max|head - embedding| when they differ and the run claims tying (for the warning).
+        run_says_tied: what the run config claims.
+
+    Returns:
+        The finding and whether to write the model tied.
+    """
+    if not has_head:
+        return Finding("tied_weights", True, "checkpoint has no head tensor; exported tied to the embedding"), True
     if equal:
         return Finding("tied_weights", True, "head equals the embedding bit for bit; written tied, head dropped"), True
     if run_says_tied:
-        diff = (embedding.float() - head.float()).abs().max().item() if embedding.shape == head.shape else float("nan")
+        diff = float("nan") if max_diff is None else max_diff
         return Finding(
             "tied_weights", True,
             f"the run config ties the head to the embedding, but the checkpoint's head differs (max|Δ| {diff:.3g}): "
@@ -83,6 +104,16 @@ def check_tied_weights(embedding: torch.Tensor, head: torch.Tensor | None, run_s
             "pytorch/torchtitan#2252), so the model that was trained is untied; exported untied "
             "(lm_head written, tie_word_embeddings=false)", warning=True), False
     return Finding("tied_weights", True, "untied run: head written separately"), False
+
+
+def any_nonfinite(tensor: torch.Tensor) -> bool:
+    """Fast screen for NaN/Inf: one reduction (a NaN or Inf anywhere makes the sum non-finite).
+
+    A True may be a false alarm (a sum overflowing); count with `count_nonfinite` to be sure.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    return not bool(torch.isfinite(tensor.sum()))
 
 
 def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int]:

@@ -1,7 +1,10 @@
-"""Read a DCP step folder: metadata through a restricted unpickler, then model tensors streamed one at a time.
+"""Read model tensors from a DCP step, one at a time, never the optimizer state.
 
-Only the tensors the export asks for are read (never the optimizer state), each chunk straight from its
-byte range in its `.distcp` shard, so memory stays bounded by the largest tensor.
+Each chunk comes from its byte range in its `.distcp` shard. It is read in place when its `torch.save` record
+is understood (`dcp_record`: the storage bytes go straight into the tensor), else decoded with
+`torch.load(weights_only=True)`; chunks stored with DCP transforms (e.g. compression) go through the public
+DCP reader, with `.metadata` still unpickled by ours. `ByteCounter` records the bytes read and which path each
+chunk took. The metadata side is `dcp_metadata` (re-exported here); row-piece streaming is `dcp_stream`.
 """
 
 from __future__ import annotations
@@ -9,263 +12,192 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pickle
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from molgen_export.discover import METADATA_FILE
-from molgen_export.errors import CheckpointFormatError, SourceVanishedError, UnsafeCheckpointError
+from molgen_export.dcp_metadata import (NON_MODEL_PREFIXES, ChunkLocation, StepMetadata, TensorEntry,  # noqa: F401
+                                        check_shard_files, is_model_key, load_metadata_object, model_ranges_hint,
+                                        read_step_metadata)
+from molgen_export.dcp_record import RecordNotUnderstood, TensorRecord, locate_tensor
+from molgen_export.errors import CheckpointFormatError, SourceVanishedError
 
 logger = logging.getLogger(__name__)
 
-NON_MODEL_PREFIXES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-"""Top-level entries TorchTitan saves beside the model FQNs."""
-
-_DCP_METADATA_CLASSES = {
-    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-    "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
-}
-_ALLOWED_GLOBALS = {
-    **{("torch.distributed.checkpoint.metadata", name): None for name in _DCP_METADATA_CLASSES},
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): None,
-    ("torch.serialization", "_get_layout"): None,
-    ("torch", "Size"): None,
-    ("pathlib", "PosixPath"): None,
-    ("pathlib", "PurePosixPath"): None,
-    ("pathlib", "WindowsPath"): None,
-    ("collections", "OrderedDict"): None,
-    ("builtins", "set"): None,
-    ("builtins", "frozenset"): None,
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP `.metadata` admitting only DCP's metadata classes and the plain types they hold."""
-
-    def __init__(self, file, source: Path):
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise UnsafeCheckpointError(
-            f"{self._source} asks to load `{module}.{name}`, which is not part of DCP checkpoint metadata; "
-            "refusing to unpickle it (a crafted .metadata can run code)",
-            hint="only export checkpoints written by torch.distributed.checkpoint; if this one is yours, it is damaged",
-            path=self._source)
-
-
-@dataclass(frozen=True)
-class ChunkLocation:
-    """Where one saved chunk of a tensor lives."""
-
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    relative_path: str
-    file_offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of the checkpoint as the metadata describes it."""
-
-    fqn: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    chunks: tuple[ChunkLocation, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(c.length for c in self.chunks)
-
-
-@dataclass(frozen=True)
-class StepMetadata:
-    """The `.metadata` of one step, split into model tensors and everything else."""
-
-    step_dir: Path
-    model: dict[str, TensorEntry]
-    """Model tensors by their checkpoint FQN, in the order the checkpoint lists them."""
-    other_bytes: int
-    """Bytes stored for optimizer, scheduler, dataloader and train state (never read)."""
-    other_keys: int
-    files: dict[str, int] = field(default_factory=dict)
-    """Shard file name -> size on disk when the metadata was read."""
-    extents: dict[str, int] = field(default_factory=dict)
-    """Shard file name -> the byte where its last item (model or not) ends, per the metadata."""
-
-    @property
-    def model_bytes(self) -> int:
-        return sum(e.stored_bytes for e in self.model.values())
-
-    @property
-    def label(self) -> str:
-        return self.step_dir.name
-
-    def check_files(self) -> None:
-        """Refuse missing or truncated shards (see `check_shard_files`)."""
-        check_shard_files(self)
-
-    def read(self, fqn: str, counter: ByteCounter | None = None) -> torch.Tensor:
-        """One model tensor, chunks reassembled."""
-        return read_tensor(self, fqn, counter)
-
-    def iter(self, fqns: Iterable[str], counter: ByteCounter | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """`(fqn, tensor)` pairs in order, read ahead on a thread."""
-        return iter_tensors(self, fqns, counter)
-
-
-def is_model_key(fqn: str) -> bool:
-    """True for a model FQN, False for TorchTitan's optimizer/scheduler/dataloader/train_state entries."""
-    return fqn.split(".", 1)[0] not in NON_MODEL_PREFIXES
-
-
-def load_metadata_object(step_dir: Path):
-    """Unpickle `.metadata` with the restricted unpickler.
-
-    Raises:
-        CheckpointFormatError: missing, unreadable or not DCP metadata.
-        UnsafeCheckpointError: it references anything outside DCP's metadata classes.
-    """
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    path = step_dir / METADATA_FILE
-    try:
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f, path).load()
-    except FileNotFoundError as exc:
-        if not step_dir.exists():
-            raise SourceVanishedError(f"{step_dir} disappeared before it could be read", path=step_dir) from exc
-        raise CheckpointFormatError(f"{path} is missing", path=path,
-                                    hint="the checkpoint is incomplete; wait for the save or pick another step") from exc
-    except UnsafeCheckpointError:
-        raise
-    except Exception as exc:  # pickle raises many types on garbage
-        raise CheckpointFormatError(f"{path} is not readable DCP metadata ({type(exc).__name__}: {exc})", path=path,
-                                    hint="the file is corrupt or truncated; re-save the checkpoint or pick another step") from exc
-    if not isinstance(metadata, Metadata) or metadata.storage_data is None:
-        raise CheckpointFormatError(f"{path} does not hold DCP checkpoint metadata", path=path,
-                                    hint="point --dcp-path at a step folder written by torch.distributed.checkpoint")
-    return metadata
-
-
-def read_step_metadata(step_dir: Path) -> StepMetadata:
-    """Read `.metadata` and plan where each model tensor's bytes are; no shard data is read.
-
-    Raises:
-        CheckpointFormatError: the metadata is unreadable, or a chunk has no storage entry.
-    """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = load_metadata_object(step_dir)
-    locations = {(idx.fqn, tuple(idx.offset) if idx.offset is not None else None): info
-                 for idx, info in metadata.storage_data.items()}
-    model: dict[str, TensorEntry] = {}
-    other_keys = 0
-    for fqn, item in metadata.state_dict_metadata.items():
-        if not is_model_key(fqn) or not isinstance(item, TensorStorageMetadata):
-            other_keys += 1
-            continue
-        chunks = []
-        for chunk in item.chunks:
-            offsets = tuple(int(o) for o in chunk.offsets)
-            info = locations.get((fqn, offsets))
-            if info is None:
-                raise CheckpointFormatError(f"{step_dir / METADATA_FILE} lists tensor `{fqn}` chunk at {offsets} "
-                                            "but no shard holds it", path=step_dir,
-                                            hint="the metadata comes from a different or damaged save")
-            if info.transform_descriptors:
-                raise CheckpointFormatError(
-                    f"tensor `{fqn}` in {step_dir} is stored with transforms {list(info.transform_descriptors)} "
-                    "(e.g. compression), which molgen_export does not decode", path=step_dir,
-                    hint="save checkpoints without storage transforms")
-            chunks.append(ChunkLocation(offsets, tuple(int(s) for s in chunk.sizes), str(info.relative_path),
-                                        int(info.offset), int(info.length)))
-        model[fqn] = TensorEntry(fqn, tuple(int(s) for s in item.size), item.properties.dtype, tuple(chunks))
-    model_keys = set(model)
-    other_bytes = sum(info.length for (fqn, _), info in locations.items() if fqn not in model_keys)
-    files = {}
-    extents: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        name = str(info.relative_path)
-        extents[name] = max(extents.get(name, 0), int(info.offset) + int(info.length))
-        if name not in files:
-            try:
-                files[name] = (step_dir / name).stat().st_size
-            except FileNotFoundError:
-                files[name] = -1
-    return StepMetadata(step_dir=step_dir, model=model, other_bytes=other_bytes, other_keys=other_keys, files=files,
-                        extents=extents)
-
-
-def check_shard_files(meta: StepMetadata) -> None:
-    """Refuse a step whose shard files are missing or shorter than the metadata says.
-
-    Raises:
-        CheckpointFormatError: naming the file and how many bytes it should hold.
-    """
-    # Every file the metadata names, to its last item: a shard cut short anywhere means a broken save,
-    # even when the model's bytes happen to lie before the cut.
-    for name, end in sorted(meta.extents.items()):
-        size = meta.files.get(name, -1)
-        if size < 0:
-            raise CheckpointFormatError(f"shard {meta.step_dir / name} is missing", path=meta.step_dir / name,
-                                        hint="the checkpoint is incomplete or was partly deleted; pick another step")
-        if size < end:
-            raise CheckpointFormatError(f"shard {meta.step_dir / name} is truncated: {size} bytes, "
-                                        f"the metadata needs at least {end}", path=meta.step_dir / name,
-                                        hint="the shard was cut short (disk full or copy interrupted); re-save or pick another step")
+PATH_DIRECT = "direct"
+"""A chunk read in place: its storage bytes straight from the shard into the tensor (or buffer) that uses them."""
+PATH_TORCH_LOAD = "torch.load"
+"""A chunk whose record was not understood, decoded from its bytes with `torch.load(weights_only=True)`."""
+PATH_DCP = "dcp"
+"""A chunk stored with DCP transforms, read through the public DCP reader (metadata still unpickled by ours)."""
 
 
 class ByteCounter:
-    """Counts shard bytes read, across threads."""
+    """Counts shard bytes read and which path each chunk was read by, across threads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.bytes = 0
+        self.paths: dict[str, int] = {}
 
     def add(self, n: int) -> None:
         with self._lock:
             self.bytes += n
 
+    def note(self, path: str, chunks: int = 1) -> None:
+        """Record that `chunks` chunks were read by `path` (`PATH_DIRECT`, `PATH_TORCH_LOAD` or `PATH_DCP`)."""
+        with self._lock:
+            self.paths[path] = self.paths.get(path, 0) + chunks
+
+
+def open_shard(path: Path) -> int:
+    """Open a shard for reading.
+
+    Raises:
+        SourceVanishedError: the shard is gone (e.g. purged by TorchTitan's keep_latest_k).
+    """
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise SourceVanishedError(f"shard {path} disappeared while it was read", path=path) from exc
+
+
+def pread_into(fd: int, path: Path, view: memoryview, offset: int) -> None:
+    """Fill `view` with the shard's bytes from `offset`.
+
+    Raises:
+        CheckpointFormatError: the shard ends first.
+    """
+    done = 0
+    length = len(view)
+    while done < length:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise CheckpointFormatError(f"shard {path} ends at byte {offset + done}, expected {offset + length}",
+                                        path=path, hint="the shard is truncated; re-save or pick another step")
+        done += n
+
 
 def _read_range(path: Path, offset: int, length: int) -> bytearray:
     buf = bytearray(length)
+    fd = open_shard(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError as exc:
-        raise SourceVanishedError(f"shard {path} disappeared while it was read", path=path) from exc
-    try:
-        view = memoryview(buf)
-        done = 0
-        while done < length:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointFormatError(f"shard {path} ends at byte {offset + done}, expected {offset + length}",
-                                            path=path, hint="the shard is truncated; re-save or pick another step")
-            done += n
+        pread_into(fd, path, memoryview(buf), offset)
     finally:
         os.close(fd)
     return buf
+
+
+SMALL_ITEM_BYTES = 1 << 20
+"""Items up to this size are read whole with one `pread` (their headers are then free: bytes read = item bytes)."""
+
+
+def chunk_record(meta: StepMetadata, fqn: str, index: int, counter: ByteCounter | None = None,
+                 item: bytes | bytearray | None = None) -> TensorRecord | None:
+    """Where chunk `index` of tensor `fqn` keeps its storage bytes, or None when it cannot be read in place.
+
+    The first time, reads a few KB at both ends of the chunk's item (or parses `item`, the whole item's bytes,
+    when given); the answer is cached on `meta`.
+    """
+    key = (fqn, index)
+    if key in meta.records:
+        return meta.records[key]
+    entry = meta.model[fqn]
+    chunk = entry.chunks[index]
+    if chunk.transforms:
+        meta.records[key] = None
+        return None
+    path = meta.step_dir / chunk.relative_path
+    fd = None if item is not None else open_shard(path)
+
+    def read(offset: int, n: int) -> bytes:
+        n = max(0, min(n, chunk.length - offset))
+        if item is not None:
+            return bytes(item[offset:offset + n])
+        buf = bytearray(n)
+        pread_into(fd, path, memoryview(buf), chunk.file_offset + offset)
+        if counter is not None:
+            counter.add(n)
+        return bytes(buf)
+
+    record = None
+    try:
+        record = locate_tensor(read, chunk.length)
+    except RecordNotUnderstood as exc:
+        logger.info("tensor `%s` chunk %d in %s is not read in place (%s); decoding it with torch.load",
+                    fqn, index, path, exc)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if record is not None and (record.dtype != entry.dtype or record.size != chunk.sizes):
+        logger.info("tensor `%s` chunk %d: the record says %s %s, the metadata %s %s; decoding it with torch.load",
+                    fqn, index, record.dtype, record.size, entry.dtype, chunk.sizes)
+        record = None
+    meta.records[key] = record
+    return record
+
+
+def _decode(fqn: str, path: Path, chunk: ChunkLocation, raw: bytes | bytearray) -> torch.Tensor:
+    try:
+        part = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointFormatError(f"tensor `{fqn}` in {path} (bytes {chunk.file_offset}+{chunk.length}) "
+                                    f"does not decode: {exc}", path=path,
+                                    hint="the shard is corrupt or belongs to another save") from exc
+    if not isinstance(part, torch.Tensor) or tuple(part.shape) != chunk.sizes:
+        got = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+        raise CheckpointFormatError(f"tensor `{fqn}` chunk in {path} decodes to {got}, metadata says {chunk.sizes}",
+                                    path=path, hint="the metadata and the shards come from different saves")
+    return part
+
+
+def view_record(data: torch.Tensor, record: TensorRecord) -> torch.Tensor:
+    """The tensor a record describes, over `data` (a uint8 tensor holding the record's storage bytes)."""
+    typed = data.view(record.dtype)
+    return typed.as_strided(record.size, record.stride, typed.storage_offset() + record.storage_offset)
+
+
+def read_chunk(meta: StepMetadata, fqn: str, index: int, counter: ByteCounter | None = None) -> torch.Tensor:
+    """One saved chunk of a tensor (not a transformed one), in place when possible, else through torch.load.
+
+    Raises:
+        CheckpointFormatError: the chunk is truncated or does not decode to the promised shape.
+        SourceVanishedError: the shard disappeared.
+    """
+    chunk = meta.model[fqn].chunks[index]
+    path = meta.step_dir / chunk.relative_path
+    if chunk.length <= SMALL_ITEM_BYTES:
+        raw = _read_range(path, chunk.file_offset, chunk.length)
+        if counter is not None:
+            counter.add(chunk.length)
+        record = chunk_record(meta, fqn, index, counter, item=raw)
+        if record is None:
+            if counter is not None:
+                counter.note(PATH_TORCH_LOAD)
+            return _decode(fqn, path, chunk, raw)
+        if counter is not None:
+            counter.note(PATH_DIRECT)
+        data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return view_record(data[record.data_offset:record.data_offset + record.nbytes], record)
+    record = chunk_record(meta, fqn, index, counter)
+    if record is not None:
+        storage = torch.empty(record.nbytes, dtype=torch.uint8)
+        fd = open_shard(path)
+        try:
+            pread_into(fd, path, memoryview(storage.numpy()), chunk.file_offset + record.data_offset)
+        finally:
+            os.close(fd)
+        if counter is not None:
+            counter.add(record.nbytes)
+            counter.note(PATH_DIRECT)
+        return view_record(storage, record)
+    raw = _read_range(path, chunk.file_offset, chunk.length)
+    if counter is not None:
+        counter.add(chunk.length)
+        counter.note(PATH_TORCH_LOAD)
+    return _decode(fqn, path, chunk, raw)
 
 
 def read_tensor(meta: StepMetadata, fqn: str, counter: ByteCounter | None = None) -> torch.Tensor:
@@ -276,22 +208,11 @@ def read_tensor(meta: StepMetadata, fqn: str, counter: ByteCounter | None = None
         SourceVanishedError: the shard disappeared.
     """
     entry = meta.model[fqn]
+    if any(c.transforms for c in entry.chunks):
+        return _read_with_dcp(meta, entry, counter)
     full: torch.Tensor | None = None
-    for chunk in entry.chunks:
-        path = meta.step_dir / chunk.relative_path
-        raw = _read_range(path, chunk.file_offset, chunk.length)
-        if counter is not None:
-            counter.add(chunk.length)
-        try:
-            part = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointFormatError(f"tensor `{fqn}` in {path} (bytes {chunk.file_offset}+{chunk.length}) "
-                                        f"does not decode: {exc}", path=path,
-                                        hint="the shard is corrupt or belongs to another save") from exc
-        if not isinstance(part, torch.Tensor) or tuple(part.shape) != chunk.sizes:
-            got = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
-            raise CheckpointFormatError(f"tensor `{fqn}` chunk in {path} decodes to {got}, metadata says {chunk.sizes}",
-                                        path=path, hint="the metadata and the shards come from different saves")
+    for index, chunk in enumerate(entry.chunks):
+        part = read_chunk(meta, fqn, index, counter)
         if len(entry.chunks) == 1 and chunk.sizes == entry.shape:
             return part
         if full is None:
@@ -305,47 +226,133 @@ def read_tensor(meta: StepMetadata, fqn: str, counter: ByteCounter | None = None
     return full
 
 
+def read_rows(meta: StepMetadata, fqn: str, start: int, stop: int, counter: ByteCounter | None = None) -> torch.Tensor:
+    """Rows `start:stop` (dim 0) of a model tensor, reading only their bytes when the chunks allow it.
+
+    Raises:
+        CheckpointFormatError, SourceVanishedError: as `read_tensor`.
+    """
+    entry = meta.model[fqn]
+    if (not entry.shape or not entry.row_chunked or any(c.transforms for c in entry.chunks)
+            or any(c.length <= SMALL_ITEM_BYTES for c in entry.chunks)):
+        return read_tensor(meta, fqn, counter)[start:stop]
+    records = [chunk_record(meta, fqn, i, counter) for i in range(len(entry.chunks))]
+    if any(r is None or not r.is_dense_rows for r in records):
+        return read_tensor(meta, fqn, counter)[start:stop]
+    out = torch.empty((stop - start, *entry.shape[1:]), dtype=entry.dtype)
+    flat = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+    row_bytes = entry.row_elements * entry.dtype.itemsize
+    for chunk, record in zip(entry.chunks, records):
+        first, last = max(start, chunk.row_start), min(stop, chunk.row_start + chunk.sizes[0])
+        if first >= last or flat is None:
+            continue
+        path = meta.step_dir / chunk.relative_path
+        view = memoryview(flat)[(first - start) * row_bytes:(last - start) * row_bytes]
+        fd = open_shard(path)
+        try:
+            pread_into(fd, path, view, chunk.file_offset + record.data_offset + (first - chunk.row_start) * row_bytes)
+        finally:
+            os.close(fd)
+        if counter is not None:
+            counter.add(len(view))
+            counter.note(PATH_DIRECT)
+    return out
+
+
+def _read_with_dcp(meta: StepMetadata, entry: TensorEntry, counter: ByteCounter | None) -> torch.Tensor:
+    """Read one tensor through `torch.distributed.checkpoint.load`, with `.metadata` unpickled by ours."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    step_dir = meta.step_dir
+
+    class _RestrictedReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = load_metadata_object(step_dir)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    target = torch.empty(entry.shape, dtype=entry.dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load({entry.fqn: target}, storage_reader=_RestrictedReader(step_dir), no_dist=True)
+    except Exception as exc:
+        raise CheckpointFormatError(
+            f"tensor `{entry.fqn}` in {step_dir} is stored with DCP transforms "
+            f"{sorted({t for c in entry.chunks for t in c.transforms})} and the DCP reader failed: {exc}",
+            path=step_dir, hint="install what the transform needs (e.g. zstandard) or save without transforms") from exc
+    if counter is not None:
+        counter.add(entry.stored_bytes)
+        counter.note(PATH_DCP, len(entry.chunks))
+    return target
+
+
 def iter_tensors(meta: StepMetadata, fqns: Iterable[str], counter: ByteCounter | None = None,
                  prefetch: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(fqn, tensor)` in the given order, reading ahead on one thread while the caller works.
+    """`(fqn, tensor)` in the given order, read ahead on one thread (see `dcp_stream.iter_tensors`)."""
+    from molgen_export.dcp_stream import iter_tensors as _iter_tensors
 
-    Memory is bounded by `prefetch + 1` tensors. Errors from the reader surface at the tensor they hit.
+    return _iter_tensors(meta, fqns, counter, prefetch)
+
+
+def prefetch(step_dir: Path, ranges: list[tuple[str, int, int]], limit_bytes: int) -> int:
+    """Ask the kernel to start reading these byte ranges into the page cache (returns at once).
+
+    Used while the export is still importing and planning, so the disk works meanwhile. Ranges come in
+    file order and stop after `limit_bytes`. Returns the bytes requested.
     """
-    import queue
-
-    order = list(fqns)
-    if prefetch <= 0 or len(order) <= 1:
-        for fqn in order:
-            yield fqn, read_tensor(meta, fqn, counter)
-        return
-    slots: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def produce() -> None:
-        for fqn in order:
-            if stop.is_set():
-                return
-            try:
-                item = (fqn, read_tensor(meta, fqn, counter), None)
-            except BaseException as exc:  # handed to the consumer
-                item = (fqn, None, exc)
-            while not stop.is_set():
-                try:
-                    slots.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
-
-    thread = threading.Thread(target=produce, name="molgen-dcp-reader", daemon=True)
-    thread.start()
+    requested = 0
+    fds: dict[str, int] = {}
     try:
-        for _ in order:
-            fqn, tensor, exc = slots.get()
-            if exc is not None:
-                raise exc
-            yield fqn, tensor
+        for name, offset, length in ranges:
+            if requested >= limit_bytes:
+                break
+            fd = fds.get(name)
+            if fd is None:
+                try:
+                    fd = fds[name] = os.open(step_dir / name, os.O_RDONLY)
+                except OSError:
+                    continue
+            length = min(length, limit_bytes - requested)
+            try:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            except (AttributeError, OSError):
+                return requested
+            requested += length
     finally:
-        stop.set()
-        thread.join(timeout=5)
+        for fd in fds.values():
+            os.close(fd)
+    return requested
+
+
+def prefetch_step(step_dir: Path, limit_bytes: int | None = None) -> int:
+    """Start reading a step's model bytes into the page cache in the background (optimizer bytes: never).
+
+    The ranges come from `model_ranges_hint` (no DCP import needed, so this can run first thing). By default
+    at most a third of the memory available now is asked for. Returns the bytes requested (0 without a hint).
+    """
+    ranges = model_ranges_hint(step_dir)
+    if not ranges:
+        return 0
+    if limit_bytes is None:
+        limit_bytes = _available_memory() // 3
+    requested = prefetch(step_dir, ranges, limit_bytes)
+    logger.debug("asked the kernel to read ahead %.2f GB of %s", requested / 1e9, step_dir)
+    return requested
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 << 30

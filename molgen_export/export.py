@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from molgen_export import architecture, checks, dcp_read, discover, fidelity, hf_model, naming, run_config, write
+from molgen_export import (architecture, checks, dcp_read, discover, export_stream, fidelity, hf_model, naming,
+                           run_config, write)
 from molgen_export.config import ExportOptions
 from molgen_export.errors import ConfigError, MolgenExportError, OutputError, StepLockedError, VerificationError
 
@@ -49,6 +50,11 @@ class ExportReport:
     other_bytes: int = 0
     """Optimizer, scheduler, dataloader and train-state bytes in the step (never read)."""
     bytes_read: int = 0
+    """Shard bytes the export read (model tensors only; headers of their items included)."""
+    read_paths: dict[str, int] = field(default_factory=dict)
+    """Chunks read per path: `direct` (in place), `torch.load` (record not understood), `dcp` (public DCP reader)."""
+    verify_bytes_read: int = 0
+    """Shard bytes the logit check read again (the reference comes from the checkpoint, not from our output)."""
     output_bytes: int = 0
     files: list[str] = field(default_factory=list)
     key_rules: dict[str, int] = field(default_factory=dict)
@@ -172,6 +178,8 @@ class _Plan:
 
 
 def _plan(step_dir: Path, options: ExportOptions, report: ExportReport, timer: _Timer) -> _Plan:
+    if not options.dry_run:  # the disk starts on the model bytes while we import and plan
+        dcp_read.prefetch_step(step_dir)
     with timer.stage("config"):
         run = run_config.load_run_config(step_dir.parent, options.config)
     with timer.stage("metadata"):
@@ -260,13 +268,6 @@ def _metadata_checks(plan: _Plan, tie: bool | None) -> list[checks.Finding]:
     return found
 
 
-def _read_source(plan: _Plan, source: naming.TensorSource, tensor: torch.Tensor) -> torch.Tensor:
-    if source.part is None:
-        return tensor
-    return naming.split_fused_qkv(tensor, source.part, n_heads=plan.arch.n_heads, n_kv_heads=plan.arch.n_kv_heads,
-                                  head_dim=plan.arch.head_dim)
-
-
 def plan_step(step_dir: Path, options: ExportOptions | None = None) -> ExportReport:
     """Dry run: read metadata and configs only, run the metadata checks, write nothing."""
     return export_step(step_dir, ExportOptions(**{**(options or ExportOptions()).__dict__, "dry_run": True}))
@@ -330,67 +331,53 @@ def export_planned(plan: _Plan, options: ExportOptions, report: ExportReport, ti
 
 
 def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, temp_dir: Path) -> None:
+    """Stream the weights into `temp_dir`, write configs and tokenizer, verify what is on disk.
+
+    Memory stays flat in the model's size (row pieces, see `export_stream`); the optimizer state is never read.
+    Timings: `stream` (read, cast, NaN/Inf screen and write, overlapped), `fsync`, `assets`, `verify_files`,
+    `verify_logits`; `stream.*` break the stream down (`read_wait` high: the disk was the bottleneck).
+    """
     counter = dcp_read.ByteCounter()
-    verify = not options.skip_logits
-    titan_state: dict[str, torch.Tensor] = {}
-    dtype = plan.export_dtype
-    source_by_key: dict[str, list[naming.TensorSource]] = {}
-    for source in plan.sources.values():
-        source_by_key.setdefault(source.checkpoint_key, []).append(source)
+    heads = (plan.arch.n_heads, plan.arch.n_kv_heads, plan.arch.head_dim)
+    findings: list[checks.Finding] = []
 
-    with timer.stage("read"):
-        # Head and embedding first: whether the head is written depends on their values.
-        embed_source = plan.sources["tok_embeddings.weight"]
-        head_source = plan.sources.get("lm_head.weight")
-        embedding = plan.meta.read(embed_source.checkpoint_key, counter)
-        head = plan.meta.read(head_source.checkpoint_key, counter) if head_source else None
-    tie_finding, tie = checks.check_tied_weights(embedding, head, plan.arch.tie_word_embeddings)
-    if tie_finding.warning:
-        report.warnings.append(tie_finding.detail)
-    findings = _metadata_checks(plan, tie) + [tie_finding]
-    checks.raise_on_failures(findings, plan.meta.label)
-    report.tied = tie
+    def open_writer(planned: list[write.PlannedTensor]) -> write.SafetensorsWriter:
+        return write.SafetensorsWriter(temp_dir, write.plan_shards(planned, options.max_shard_bytes))
 
-    written_sources = [s for k, s in plan.sources.items() if not (tie and k == "lm_head.weight")]
-    planned = [write.PlannedTensor(plan.mapping[s.titan_key], s.shape, dtype) for s in written_sources]
-    shards = write.plan_shards(planned, options.max_shard_bytes)
-    writer = write.SafetensorsWriter(temp_dir, shards)
-    nonfinite: list[tuple[str, str, int, int]] = []
+    def after_tie(outcome: export_stream.StreamOutcome) -> None:
+        if outcome.tie_finding.warning:
+            report.warnings.append(outcome.tie_finding.detail)
+        findings.extend(_metadata_checks(plan, outcome.tie) + [outcome.tie_finding])
+        checks.raise_on_failures(findings, plan.meta.label)
 
-    def emit(source: naming.TensorSource, value: torch.Tensor) -> None:
-        nan, inf = checks.count_nonfinite(value)
-        hf_key = plan.mapping[source.titan_key]
-        if nan or inf:
-            nonfinite.append((source.checkpoint_key, hf_key, nan, inf))
-        rounded = value.to(dtype)
-        if source.titan_key == "lm_head.weight" and tie:
-            pass
-        else:
-            writer.write(hf_key, rounded)
-        if verify:
-            titan_state[source.titan_key] = rounded
-
+    streamer = export_stream.WeightStreamer(plan.meta, plan.sources, plan.mapping, plan.export_dtype, heads,
+                                            open_writer, counter)
+    with timer.stage("stream"):
+        outcome = streamer.stream(plan.arch.tie_word_embeddings, after_tie)
+    writer = outcome.writer
     try:
-        with timer.stage("write"):
-            emit(embed_source, embedding)
-            if head_source is not None:
-                emit(head_source, head)
-            del embedding, head
-            rest = [key for key in plan.meta.model
-                    if key not in (embed_source.checkpoint_key, getattr(head_source, "checkpoint_key", None))]
-            for checkpoint_key, tensor in plan.meta.iter(rest, counter):
-                for source in source_by_key[checkpoint_key]:
-                    emit(source, _read_source(plan, source, tensor))
-            report.bytes_read = counter.bytes
-            findings.append(checks.nonfinite_finding(nonfinite, len(plan.sources)))
-            checks.raise_on_failures(findings, plan.meta.label)
+        report.tied = outcome.tie
+        report.bytes_read = counter.bytes
+        report.read_paths = dict(sorted(counter.paths.items()))
+        if outcome.rereads:
+            report.warnings.append(f"the head equalled the embedding on its first rows but not later: "
+                                   f"{outcome.rereads} piece(s) of both were read twice")
+        report.timings.update({"stream.read_io": round(streamer.stats.read_io, 4),
+                               "stream.read_wait": round(streamer.stats.consumer_waiting, 4),
+                               "stream.cast": round(streamer.caster.seconds, 4)})
+        nonfinite = [(plan.sources[k].checkpoint_key, plan.mapping[k], nan, inf)
+                     for k, (nan, inf) in outcome.nonfinite.items()]
+        findings.append(checks.nonfinite_finding(nonfinite, len(plan.sources)))
+        checks.raise_on_failures(findings, plan.meta.label)
+        with timer.stage("fsync"):
             report.files = writer.close()
     except BaseException:
         writer.abort()
         raise
+    planned = outcome.planned
 
     with timer.stage("assets"):
-        hf_config = hf_model.build_hf_config(plan.base_config, plan.arch, tie=tie, dtype=report.export_dtype)
+        hf_config = hf_model.build_hf_config(plan.base_config, plan.arch, tie=outcome.tie, dtype=report.export_dtype)
         generation = hf_model.build_generation_config(plan.assets, hf_config)
         report.warnings.extend(hf_model.reconcile_special_tokens(hf_config, generation,
                                                                  hf_model.special_token_ids(plan.assets)))
@@ -399,24 +386,28 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
         report.files += ["config.json", "generation_config.json"]
         report.files += write.copy_files(plan.tokenizer_files, temp_dir)
 
-    with timer.stage("verify"):
+    with timer.stage("verify_files"):
         findings.append(fidelity.check_written_tensors(temp_dir, {t.hf_key: t for t in planned}))
         checks.raise_on_failures(findings, plan.meta.label)
-        if verify:
+    if options.skip_logits:
+        findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
+    else:
+        with timer.stage("verify_logits"):
+            verify_counter = dcp_read.ByteCounter()
+            titan = export_stream.TitanWeights(plan.meta, plan.sources, plan.export_dtype, heads, verify_counter)
             limit = plan.tokenizer_size or plan.arch.vocab_size
-            result = fidelity.verify_logits(plan.arch, titan_state, temp_dir, tie=tie,
+            result = fidelity.verify_export(plan.arch, titan, temp_dir, tie=outcome.tie,
                                             vocab_limit=min(limit, plan.arch.vocab_size),
                                             tolerance=options.logits_atol, device=options.device)
+            report.verify_bytes_read = verify_counter.bytes
             report.fidelity = result.to_json()
+            where = f"; first divergence: {result.first_divergence}" if result.first_divergence else ""
             findings.append(checks.Finding(
                 "logits", result.passed,
                 f"max|Δ| {result.max_abs_diff:.3g} (limit {result.tolerance:.3g}), mean|Δ| {result.mean_abs_diff:.3g}, "
-                f"top-1 agreement {result.top1_agreement:.4f} over {result.tokens} tokens"))
-        else:
-            findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
-        report.findings = [f.to_json() for f in findings]
-        checks.raise_on_failures(findings, plan.meta.label)
-    titan_state.clear()
+                f"top-1 agreement {result.top1_agreement:.4f} over {result.tokens} tokens ({result.mode}){where}"))
+    report.findings = [f.to_json() for f in findings]
+    checks.raise_on_failures(findings, plan.meta.label)
     report.hf_tensors = len(planned)
     report.output_bytes = sum((temp_dir / name).stat().st_size for name in report.files)
     write.write_text(temp_dir / "README.md", model_card(report))

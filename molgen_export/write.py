@@ -102,6 +102,7 @@ class SafetensorsWriter:
         self._where = {key: (shard, offset) for shard in shards for key, offset in shard.offsets.items()}
         self._expected = {t.hf_key: t for shard in shards for t in shard.tensors}
         self._written: set[str] = set()
+        self._parts: dict[str, list[tuple[int, int]]] = {}
         self._fds: dict[str, int] = {}
         total = sum(s.size for s in shards)
         try:
@@ -136,16 +137,43 @@ class SafetensorsWriter:
         if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
             raise AssertionError(f"{hf_key}: got {tensor.dtype} {list(tensor.shape)}, "
                                  f"planned {planned.dtype} {list(planned.shape)}")
+        if hf_key in self._parts:
+            raise AssertionError(f"{hf_key} is being written in parts")
+        self._pwrite(hf_key, 0, tensor)
+        self._written.add(hf_key)
+
+    def write_part(self, hf_key: str, start: int, data: torch.Tensor) -> None:
+        """Write `data` as bytes `start:start + data.nbytes` of tensor `hf_key` (for tensors streamed in pieces).
+
+        The parts of a tensor may come in any order; they must have the planned dtype and cover the tensor
+        exactly once. The tensor counts as written once its last byte is.
+        """
+        planned = self._expected.get(hf_key)
+        if planned is None or hf_key in self._written:
+            raise AssertionError(f"unplanned or repeated write of {hf_key}")
+        if data.dtype != planned.dtype:
+            raise AssertionError(f"{hf_key}: part of dtype {data.dtype}, planned {planned.dtype}")
+        end = start + data.numel() * data.element_size()
+        parts = self._parts.setdefault(hf_key, [])
+        if start < 0 or end > planned.nbytes or any(start < e and s < end for s, e in parts):
+            raise AssertionError(f"{hf_key}: part {start}:{end} overlaps another or leaves the tensor's "
+                                 f"{planned.nbytes} bytes")
+        self._pwrite(hf_key, start, data)
+        parts.append((start, end))
+        if sum(e - s for s, e in parts) == planned.nbytes:
+            self._written.add(hf_key)
+            del self._parts[hf_key]
+
+    def _pwrite(self, hf_key: str, start: int, tensor: torch.Tensor) -> None:
         shard, offset = self._where[hf_key]
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
         view = memoryview(data)
         done = 0
         try:
             while done < len(view):
-                done += os.pwrite(self._fds[shard.filename], view[done:], offset + done)
+                done += os.pwrite(self._fds[shard.filename], view[done:], offset + start + done)
         except OSError as exc:
             raise _output_error(exc, self.folder / shard.filename, sum(s.size for s in self.shards)) from exc
-        self._written.add(hf_key)
 
     def close(self) -> list[str]:
         """fsync and close every shard; write the index when sharded. Returns the files written."""

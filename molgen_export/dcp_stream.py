@@ -1,0 +1,386 @@
+"""Stream model tensors out of a step as row pieces, read ahead on one thread into a few reusable buffers.
+
+The export's memory then stays flat in the model's size: a piece is at most `piece_bytes` of whole rows
+(dim 0) of one tensor, read with one large `pread` straight from the shard into a pooled buffer (no
+intermediate copy, no fresh allocation to page-fault in), while the caller casts and writes the piece before.
+Chunks that cannot be read in place (see `dcp_read`), and tensor sources other than a DCP step (any object
+with `model` and `read(key, counter)`, e.g. `layouts.folder_read.WeightsFolder`), are read whole and handed
+out in row slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from molgen_export import dcp_read
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PIECE_BYTES = 64 << 20
+"""Largest piece read at once; 3 such buffers (6 when pieces come in pairs) are the reader's whole memory."""
+
+
+@dataclass(frozen=True)
+class PieceRequest:
+    """Rows `row_start:row_stop` of one tensor, lying in one chunk when `chunk` is set."""
+
+    fqn: str
+    row_start: int
+    row_stop: int
+    chunk: int | None = None
+    """Index of the chunk holding these rows when they can be read in place; None: read the tensor whole."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows of one tensor. `tensor` may live in a pooled buffer: it is valid until the stream moves on."""
+
+    fqn: str
+    row_start: int
+    tensor: torch.Tensor
+    path: str
+
+    @property
+    def row_stop(self) -> int:
+        return self.row_start + (self.tensor.shape[0] if self.tensor.dim() else 1)
+
+
+@dataclass
+class StreamStats:
+    """Where the streaming time went (seconds), filled by the stream."""
+
+    read_io: float = 0.0
+    """Reader threads inside reads (summed over the threads)."""
+    consumer_waiting: float = 0.0
+    """Consumer waiting for a piece: the disk was the bottleneck."""
+    pieces: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _shape_rows(shape: tuple[int, ...]) -> int:
+    return shape[0] if shape else 1
+
+
+def disk_order(source, fqns: Iterable[str]) -> list[str]:
+    """`fqns` sorted by where their first chunk lies (file, offset), for sequential reads; other sources: as given."""
+    fqns = list(fqns)
+    if not isinstance(source, dcp_read.StepMetadata):
+        return fqns
+
+    def where(fqn: str):
+        chunks = source.model[fqn].chunks
+        first = min(chunks, key=lambda c: (c.relative_path, c.file_offset)) if chunks else None
+        return (first.relative_path, first.file_offset) if first else ("", 0)
+
+    return sorted(fqns, key=where)
+
+
+def _boundaries(source, fqn: str) -> list[int] | None:
+    """Row boundaries of the chunks of a DCP tensor readable in row ranges, else None."""
+    if not isinstance(source, dcp_read.StepMetadata):
+        return None
+    entry = source.model[fqn]
+    if not entry.shape or not entry.row_chunked or any(c.transforms for c in entry.chunks):
+        return None
+    return sorted({0, entry.rows, *(c.row_start for c in entry.chunks), *(c.row_start + c.sizes[0] for c in entry.chunks)})
+
+
+def _chunk_for(source, fqn: str, start: int, stop: int) -> int | None:
+    for index, chunk in enumerate(source.model[fqn].chunks):
+        if chunk.row_start <= start and stop <= chunk.row_start + chunk.sizes[0]:
+            return index
+    return None
+
+
+def _split(source, fqn: str, bounds: list[int], piece_bytes: int) -> list[PieceRequest]:
+    entry = source.model[fqn]
+    row_bytes = max(1, entry.row_elements * entry.dtype.itemsize)
+    step = max(1, piece_bytes // row_bytes)
+    requests = []
+    for first, last in zip(bounds, bounds[1:]):
+        chunk = _chunk_for(source, fqn, first, last)
+        small = chunk is not None and entry.chunks[chunk].length <= dcp_read.SMALL_ITEM_BYTES
+        for start in range(first, last, (last - first) if small else step):
+            stop = min(last, start + step)
+            requests.append(PieceRequest(fqn, start, stop, _chunk_for(source, fqn, start, stop)))
+    return requests
+
+
+def plan_requests(source, fqns: Iterable[str], piece_bytes: int = DEFAULT_PIECE_BYTES,
+                  whole: Iterable[str] = ()) -> list[tuple[PieceRequest, ...]]:
+    """One group per piece, tensors in the given order, each split into pieces of at most `piece_bytes`.
+
+    Args:
+        source: a `dcp_read.StepMetadata` or any tensor source.
+        fqns: the tensors, in reading order.
+        piece_bytes: the largest piece.
+        whole: tensors the caller needs in one piece (e.g. a fused wqkv to split).
+    """
+    whole = set(whole)
+    groups: list[tuple[PieceRequest, ...]] = []
+    for fqn in fqns:
+        bounds = None if fqn in whole else _boundaries(source, fqn)
+        if bounds is None:
+            groups.append((PieceRequest(fqn, 0, _shape_rows(tuple(source.model[fqn].shape))),))
+        else:
+            groups.extend((request,) for request in _split(source, fqn, bounds, piece_bytes))
+    return groups
+
+
+def plan_pairs(source, first: str, second: str, piece_bytes: int = DEFAULT_PIECE_BYTES
+               ) -> list[tuple[PieceRequest, PieceRequest]]:
+    """Pieces of two same-shaped tensors over the same rows, in pairs (e.g. embedding and head, to compare them)."""
+    a_shape, b_shape = tuple(source.model[first].shape), tuple(source.model[second].shape)
+    a_bounds, b_bounds = _boundaries(source, first), _boundaries(source, second)
+    if a_shape != b_shape or a_bounds is None or b_bounds is None:
+        return [(PieceRequest(first, 0, _shape_rows(a_shape)), PieceRequest(second, 0, _shape_rows(b_shape)))]
+    bounds = sorted(set(a_bounds) | set(b_bounds))
+    firsts = _split(source, first, bounds, piece_bytes)
+    return [(a, PieceRequest(second, a.row_start, a.row_stop, _chunk_for(source, second, a.row_start, a.row_stop)))
+            for a in firsts]
+
+
+class _Reader:
+    """The reader thread's side: fills pooled buffers for requests, in order."""
+
+    def __init__(self, source, counter: dcp_read.ByteCounter | None, piece_bytes: int, stats: StreamStats,
+                 buffers: dict[int, bytearray]):
+        self.source = source
+        self.counter = counter
+        self.piece_bytes = piece_bytes
+        self.stats = stats
+        self.buffers = buffers
+        self.fds: dict[str, int] = {}
+        self.whole: tuple[str, torch.Tensor] | None = None
+        self.noted: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+
+    def hint(self, request: PieceRequest) -> None:
+        """Ask the kernel to start reading a coming request's bytes (the disk works while we copy and cast)."""
+        if not isinstance(self.source, dcp_read.StepMetadata) or request.chunk is None:
+            return
+        entry = self.source.model[request.fqn]
+        chunk = entry.chunks[request.chunk]
+        record = self.source.records.get((request.fqn, request.chunk))
+        if record is None:
+            offset, length = chunk.file_offset, min(chunk.length, self.piece_bytes)
+        else:
+            row_bytes = entry.row_elements * entry.dtype.itemsize
+            offset = chunk.file_offset + record.data_offset + (request.row_start - chunk.row_start) * row_bytes
+            length = (request.row_stop - request.row_start) * row_bytes
+        try:
+            os.posix_fadvise(self._fd(chunk.relative_path), offset, length, os.POSIX_FADV_WILLNEED)
+        except (AttributeError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            fd = self.fds.get(name)
+            if fd is None:
+                fd = dcp_read.open_shard(self.source.step_dir / name)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                except (AttributeError, OSError):
+                    pass
+                self.fds[name] = fd
+            return fd
+
+    def _buffer(self, slot: int, nbytes: int) -> bytearray:
+        buf = self.buffers.get(slot)
+        if nbytes > self.piece_bytes:
+            return bytearray(nbytes)  # one-off, larger than a pooled buffer
+        if buf is None or len(buf) < self.piece_bytes:
+            buf = self.buffers[slot] = bytearray(self.piece_bytes)
+        return buf
+
+    def fill(self, request: PieceRequest, slot: int) -> Piece:
+        source = self.source
+        entry = source.model[request.fqn]
+        start = time.perf_counter()
+        try:
+            if isinstance(source, dcp_read.StepMetadata) and request.chunk is not None:
+                if entry.chunks[request.chunk].length <= dcp_read.SMALL_ITEM_BYTES:
+                    piece = self._fill_small(request, slot, entry)
+                    if piece is not None:
+                        return piece
+                else:
+                    record = dcp_read.chunk_record(source, request.fqn, request.chunk, self.counter)
+                    if record is not None and record.is_dense_rows:
+                        return self._fill_direct(request, slot, entry, record)
+            with self._lock:  # read whole once, handed out in row slices
+                if self.whole is None or self.whole[0] != request.fqn:
+                    self.whole = None
+                    self.whole = (request.fqn, source.read(request.fqn, self.counter))
+                tensor = self.whole[1]
+            if tensor.dim():
+                tensor = tensor[request.row_start:request.row_stop]
+            return Piece(request.fqn, request.row_start, tensor, "whole")
+        finally:
+            self.stats.read_io += time.perf_counter() - start
+
+    def _fill_small(self, request: PieceRequest, slot: int, entry) -> Piece | None:
+        """A small item read whole (one pread, no separate header reads); None if it is not readable in place."""
+        chunk = entry.chunks[request.chunk]
+        buf = self._buffer(slot, chunk.length)
+        view = memoryview(buf)[:chunk.length]
+        dcp_read.pread_into(self._fd(chunk.relative_path), self.source.step_dir / chunk.relative_path, view,
+                            chunk.file_offset)
+        if self.counter is not None:
+            self.counter.add(chunk.length)
+        record = dcp_read.chunk_record(self.source, request.fqn, request.chunk, self.counter, item=view)
+        if record is None or not record.is_dense_rows:
+            return None  # the caller reads it whole (counted again: only for records we do not understand)
+        if self.counter is not None and (request.fqn, request.chunk) not in self.noted:
+            self.noted.add((request.fqn, request.chunk))
+            self.counter.note(dcp_read.PATH_DIRECT)
+        data = torch.frombuffer(buf, dtype=torch.uint8, count=chunk.length) if chunk.length else \
+            torch.empty(0, dtype=torch.uint8)
+        tensor = dcp_read.view_record(data[record.data_offset:record.data_offset + record.nbytes], record)
+        if tensor.dim():
+            tensor = tensor[request.row_start - chunk.row_start:request.row_stop - chunk.row_start]
+        return Piece(request.fqn, request.row_start, tensor, dcp_read.PATH_DIRECT)
+
+    def _fill_direct(self, request: PieceRequest, slot: int, entry, record) -> Piece:
+        chunk = entry.chunks[request.chunk]
+        rows = request.row_stop - request.row_start
+        row_bytes = entry.row_elements * entry.dtype.itemsize
+        nbytes = rows * row_bytes
+        shape = (rows, *entry.shape[1:]) if entry.shape else ()
+        if nbytes == 0:
+            return Piece(request.fqn, request.row_start, torch.empty(shape, dtype=entry.dtype), dcp_read.PATH_DIRECT)
+        buf = self._buffer(slot, nbytes)
+        offset = chunk.file_offset + record.data_offset + (request.row_start - chunk.row_start) * row_bytes
+        dcp_read.pread_into(self._fd(chunk.relative_path), self.source.step_dir / chunk.relative_path,
+                            memoryview(buf)[:nbytes], offset)
+        if self.counter is not None:
+            self.counter.add(nbytes)
+            if (request.fqn, request.chunk) not in self.noted:
+                self.noted.add((request.fqn, request.chunk))
+                self.counter.note(dcp_read.PATH_DIRECT)
+        tensor = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(entry.dtype).view(shape)
+        return Piece(request.fqn, request.row_start, tensor, dcp_read.PATH_DIRECT)
+
+
+def stream_pieces(source, groups: list[tuple[PieceRequest, ...]], counter: dcp_read.ByteCounter | None = None, *,
+                  piece_bytes: int = DEFAULT_PIECE_BYTES, depth: int = 2, readers: int = 2,
+                  stats: StreamStats | None = None,
+                  buffers: dict[int, bytearray] | None = None) -> Iterator[tuple[Piece, ...]]:
+    """Yield the pieces of each group in order, up to `depth` groups read ahead by `readers` threads.
+
+    Two readers keep both cores copying from the page cache while the disk works on what the kernel was
+    told is coming (`posix_fadvise(WILLNEED)` one group ahead of the reads). A piece's tensor may be a view
+    of a pooled buffer: it is valid until the next group is requested. Errors from a reader surface at the
+    group they hit; closing the iterator lets the reads in flight finish and stops.
+
+    Args:
+        source: a `dcp_read.StepMetadata` (pieces read in place) or any tensor source (tensors read whole).
+        groups: from `plan_requests` or `plan_pairs`.
+        counter: adds the bytes read and the read paths.
+        piece_bytes: size of a pooled buffer.
+        depth: groups read ahead.
+        readers: reader threads.
+        stats: filled with where the time went.
+        buffers: the buffer pool (slot -> buffer); pass the same dict to reuse buffers across streams.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    stats = stats if stats is not None else StreamStats()
+    if not groups:
+        return
+    width = max(len(g) for g in groups)
+    free_slots = list(range(width * (depth + 1)))
+    reader = _Reader(source, counter, piece_bytes, stats, buffers if buffers is not None else {})
+    pending: deque = deque()
+    following = 0
+
+    def fill(group: tuple[PieceRequest, ...], slots: list[int]) -> tuple[Piece, ...]:
+        return tuple(reader.fill(request, slot) for request, slot in zip(group, slots))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="molgen-dcp-reader")
+
+    def submit_more() -> None:
+        nonlocal following
+        while following < len(groups) and len(pending) <= depth and len(free_slots) >= len(groups[following]):
+            group = groups[following]
+            slots = [free_slots.pop() for _ in group]
+            pending.append((pool.submit(fill, group, slots), slots))
+            following += 1
+            if following < len(groups):
+                for request in groups[following]:
+                    reader.hint(request)
+
+    try:
+        if groups:
+            for request in groups[0]:
+                reader.hint(request)
+        submit_more()
+        for _ in groups:
+            future, slots = pending.popleft()
+            waited = time.perf_counter()
+            pieces = future.result()
+            stats.consumer_waiting += time.perf_counter() - waited
+            stats.pieces += len(pieces)
+            yield pieces
+            free_slots.extend(slots)
+            submit_more()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
+
+
+def iter_tensors(source, fqns: Iterable[str], counter: dcp_read.ByteCounter | None = None,
+                 prefetch: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(fqn, tensor)` whole, in the given order, reading ahead on one thread while the caller works.
+
+    Memory is bounded by `prefetch + 1` tensors. Errors from the reader surface at the tensor they hit.
+    """
+    order = list(fqns)
+    if prefetch <= 0 or len(order) <= 1:
+        for fqn in order:
+            yield fqn, source.read(fqn, counter)
+        return
+    slots: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        for fqn in order:
+            if stop.is_set():
+                return
+            try:
+                item = (fqn, source.read(fqn, counter), None)
+            except BaseException as exc:  # handed to the consumer
+                item = (fqn, None, exc)
+            while not stop.is_set():
+                try:
+                    slots.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    thread = threading.Thread(target=produce, name="molgen-dcp-reader", daemon=True)
+    thread.start()
+    try:
+        for _ in order:
+            fqn, tensor, exc = slots.get()
+            if exc is not None:
+                raise exc
+            yield fqn, tensor
+    finally:
+        stop.set()
+        thread.join(timeout=5)

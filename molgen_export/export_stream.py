@@ -1,0 +1,310 @@
+"""The export's data path: checkpoint pieces -> cast -> NaN/Inf screen -> safetensors, with the tie decided on the way.
+
+Part of the composer (`export.py` calls it; it calls the read, check and write stages). Memory stays flat in
+the model's size: tensors arrive as row pieces in pooled buffers (`dcp_stream`), are cast into one reusable
+buffer and written at their final offset (`write.SafetensorsWriter.write_part`).
+
+The embedding and the head are streamed first, side by side, and compared bit for bit piece by piece. The
+output layout (which tensors the files hold) depends on the outcome, so the writer is opened for the tied
+layout and reopened untied at the first differing piece; when that piece is the first one (a truly untied
+head differs everywhere), nothing was written yet and nothing is lost. Only a head equal to the embedding on
+its first rows but not later costs a second read of those rows, which the report then shows in `bytes_read`.
+
+`TitanWeights` reads the checkpoint's tensors again for the verifier, one layer at a time, rounded to the
+export dtype, so the reference never comes from our own output.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from molgen_export import checks, dcp_read, dcp_stream, naming, write
+
+logger = logging.getLogger(__name__)
+
+CAST_BYTES = 32 << 20
+"""Size of the reusable buffer a piece is cast into (a piece is cast in blocks of whole rows)."""
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block with `n` intra-op threads (one thread casts fastest while another one reads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Caster:
+    """Casts row blocks of a tensor into one reusable buffer, so no cast allocates (and page-faults) memory."""
+
+    def __init__(self, block_bytes: int = CAST_BYTES):
+        self.block_bytes = block_bytes
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self.seconds = 0.0
+
+    def blocks(self, tensor: torch.Tensor, dtype: torch.dtype):
+        """Yield `(row_offset, cast_block)`; each block is valid until the next one is requested."""
+        import time
+
+        if tensor.dtype == dtype:
+            yield 0, tensor
+            return
+        rows = tensor.shape[0] if tensor.dim() else 1
+        flat = tensor if tensor.dim() else tensor.reshape(1)
+        row_bytes = max(1, flat[0].numel() * dtype.itemsize) if rows else 1
+        step = max(1, self.block_bytes // row_bytes)
+        for start in range(0, rows, step):
+            source = flat[start:start + step]
+            nbytes = source.numel() * dtype.itemsize
+            if self._buffer.numel() < nbytes:
+                self._buffer = torch.empty(max(nbytes, self.block_bytes), dtype=torch.uint8)
+            began = time.perf_counter()
+            out = self._buffer[:nbytes].view(dtype).view(source.shape)
+            out.copy_(source)
+            self.seconds += time.perf_counter() - began
+            yield start, (out if tensor.dim() else out.reshape(()))
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (NaN payloads included), unlike `torch.equal` on floats."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bits = _BITS.get(a.dtype.itemsize)
+    if bits is None or not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.view(bits), b.view(bits))
+
+
+@dataclass
+class StreamOutcome:
+    """What streaming the weights decided and saw."""
+
+    writer: write.SafetensorsWriter
+    tie: bool
+    tie_finding: checks.Finding
+    planned: list[write.PlannedTensor]
+    nonfinite: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """titan key -> (NaN, Inf) counts in the values written, for the tensors that have any."""
+    rereads: int = 0
+    """Embedding/head pieces read twice because the head matched the embedding at first and differed later."""
+
+
+class WeightStreamer:
+    """Streams one planned export's weights into a safetensors writer.
+
+    Args:
+        source: the tensor source (`dcp_read.StepMetadata`, or any object with `model` and `read`).
+        sources: canonical TorchTitan key -> where its values come from.
+        mapping: canonical TorchTitan key -> HF key.
+        dtype: the export dtype.
+        arch_heads: (n_heads, n_kv_heads, head_dim) to split a fused wqkv.
+        open_writer: makes the writer for the list of planned tensors.
+        counter: counts the bytes read.
+        piece_bytes: largest piece read at once.
+    """
+
+    def __init__(self, source, sources: dict[str, naming.TensorSource], mapping: dict[str, str], dtype: torch.dtype,
+                 arch_heads: tuple[int, int, int],
+                 open_writer: Callable[[list[write.PlannedTensor]], write.SafetensorsWriter],
+                 counter: dcp_read.ByteCounter, piece_bytes: int = dcp_stream.DEFAULT_PIECE_BYTES):
+        self.source = source
+        self.sources = sources
+        self.mapping = mapping
+        self.dtype = dtype
+        self.arch_heads = arch_heads
+        self.open_writer = open_writer
+        self.counter = counter
+        self.piece_bytes = piece_bytes
+        self.stats = dcp_stream.StreamStats()
+        self.caster = Caster()
+        self._buffers: dict[int, bytearray] = {}
+        self.by_checkpoint_key: dict[str, list[naming.TensorSource]] = {}
+        for item in sources.values():
+            self.by_checkpoint_key.setdefault(item.checkpoint_key, []).append(item)
+
+    def planned(self, tie: bool) -> list[write.PlannedTensor]:
+        """The tensors the files hold for this tie decision."""
+        return [write.PlannedTensor(self.mapping[key], item.shape, self.dtype) for key, item in self.sources.items()
+                if not (tie and key == "lm_head.weight")]
+
+    def _stream(self, groups):
+        return dcp_stream.stream_pieces(self.source, groups, self.counter, piece_bytes=self.piece_bytes,
+                                        stats=self.stats, buffers=self._buffers)
+
+    def _emit(self, writer: write.SafetensorsWriter, outcome: StreamOutcome, titan_key: str, row_start: int,
+              tensor: torch.Tensor, also_counts_for: str | None = None) -> None:
+        hf_key = self.mapping[titan_key]
+        row_bytes = (tensor[0].numel() if tensor.dim() else 1) * self.dtype.itemsize
+        for offset, block in self.caster.blocks(tensor, self.dtype):
+            if checks.any_nonfinite(block):
+                nan, inf = checks.count_nonfinite(block)
+                for key in (titan_key, also_counts_for):
+                    if key is not None and (nan or inf):
+                        before = outcome.nonfinite.get(key, (0, 0))
+                        outcome.nonfinite[key] = (before[0] + nan, before[1] + inf)
+            writer.write_part(hf_key, (row_start + offset) * row_bytes, block)
+
+    def _discard(self, writer: write.SafetensorsWriter) -> None:
+        writer.abort()
+        for shard in writer.shards:
+            (writer.folder / shard.filename).unlink(missing_ok=True)
+
+    def stream(self, run_says_tied: bool, after_tie: Callable[[StreamOutcome], None] | None = None) -> StreamOutcome:
+        """Stream every weight; `after_tie` runs once the tie is decided, before the other tensors are read.
+
+        Returns:
+            The writer (not yet closed), the tie decision and finding, and the NaN/Inf counts.
+        """
+        with torch_threads(1):
+            outcome = self._stream_embedding_and_head(run_says_tied)
+            if after_tie is not None:
+                after_tie(outcome)
+            self._stream_rest(outcome)
+        logger.info("streamed %d pieces: readers %.2f s in reads; caller %.2f s waiting for data, %.2f s casting",
+                    self.stats.pieces, self.stats.read_io, self.stats.consumer_waiting, self.caster.seconds)
+        return outcome
+
+    def _stream_embedding_and_head(self, run_says_tied: bool) -> StreamOutcome:
+        embed = self.sources["tok_embeddings.weight"]
+        head = self.sources.get("lm_head.weight")
+        if head is None:
+            writer = self.open_writer(self.planned(True))
+            finding, tie = checks.tied_weights_finding(has_head=False, equal=True, max_diff=None,
+                                                       run_says_tied=run_says_tied)
+            outcome = StreamOutcome(writer, tie, finding, self.planned(True))
+            for (piece,) in self._stream(dcp_stream.plan_requests(self.source, [embed.checkpoint_key],
+                                                                  self.piece_bytes)):
+                self._emit(writer, outcome, embed.titan_key, piece.row_start, piece.tensor)
+            return outcome
+        pairs = dcp_stream.plan_pairs(self.source, embed.checkpoint_key, head.checkpoint_key, self.piece_bytes // 2)
+        guess = tuple(self.source.model[embed.checkpoint_key].shape) == tuple(self.source.model[head.checkpoint_key].shape)
+        rereads = 0
+        while True:
+            outcome = StreamOutcome(self.open_writer(self.planned(guess)), guess, None, self.planned(guess))  # type: ignore[arg-type]
+            equal = guess
+            max_diff = 0.0
+            restart = False
+            for index, (e, h) in enumerate(self._stream(pairs)):
+                if equal:
+                    if bitwise_equal(e.tensor, h.tensor):
+                        self._emit(outcome.writer, outcome, embed.titan_key, e.row_start, e.tensor,
+                                   also_counts_for=head.titan_key)
+                        continue
+                    equal = False
+                    self._discard(outcome.writer)
+                    if index > 0:  # the tied layout already holds pieces: start over untied
+                        rereads = index
+                        restart = True
+                        break
+                    outcome = StreamOutcome(self.open_writer(self.planned(False)), False, None,  # type: ignore[arg-type]
+                                            self.planned(False))
+                self._emit(outcome.writer, outcome, embed.titan_key, e.row_start, e.tensor)
+                self._emit(outcome.writer, outcome, head.titan_key, h.row_start, h.tensor)
+                if run_says_tied:
+                    max_diff = max(max_diff, _max_abs_diff(e.tensor, h.tensor))
+            if restart:
+                logger.info("the head matched the embedding for %d pieces, then differed: streaming both again untied",
+                            rereads)
+                guess = False
+                continue
+            outcome.tie = equal
+            outcome.rereads = rereads
+            outcome.tie_finding, _ = checks.tied_weights_finding(
+                has_head=True, equal=equal, max_diff=None if equal else max_diff, run_says_tied=run_says_tied)
+            return outcome
+
+    def _stream_rest(self, outcome: StreamOutcome) -> None:
+        skip = {self.sources["tok_embeddings.weight"].checkpoint_key}
+        if "lm_head.weight" in self.sources:
+            skip.add(self.sources["lm_head.weight"].checkpoint_key)
+        keys = [k for k in dcp_stream.disk_order(self.source, self.source.model) if k not in skip]
+        fused = {k for k in keys if any(s.part for s in self.by_checkpoint_key.get(k, ()))}
+        groups = dcp_stream.plan_requests(self.source, keys, self.piece_bytes, whole=fused)
+        for (piece,) in self._stream(groups):
+            for item in self.by_checkpoint_key[piece.fqn]:
+                if item.part is None:
+                    self._emit(outcome.writer, outcome, item.titan_key, piece.row_start, piece.tensor)
+                else:
+                    n_heads, n_kv_heads, head_dim = self.arch_heads
+                    value = naming.split_fused_qkv(piece.tensor, item.part, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                                   head_dim=head_dim)
+                    self._emit(outcome.writer, outcome, item.titan_key, 0, value)
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("nan")
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+class TitanWeights:
+    """The checkpoint's tensors under canonical TorchTitan names, rounded to the export dtype, read on demand.
+
+    What the verifier compares the written files against: it reads the checkpoint again (never our output),
+    a layer at a time, into the caller's float32 tensors.
+    """
+
+    def __init__(self, source, sources: dict[str, naming.TensorSource], dtype: torch.dtype,
+                 arch_heads: tuple[int, int, int], counter: dcp_read.ByteCounter | None = None,
+                 piece_bytes: int = 16 << 20):
+        self.source = source
+        self.sources = sources
+        self.dtype = dtype
+        self.arch_heads = arch_heads
+        self.counter = counter
+        self.piece_bytes = piece_bytes
+        self.caster = Caster(piece_bytes)
+        self._buffers: dict[int, bytearray] = {}
+
+    def _whole(self, titan_key: str) -> torch.Tensor:
+        item = self.sources[titan_key]
+        tensor = self.source.read(item.checkpoint_key, self.counter)
+        if item.part is not None:
+            n_heads, n_kv_heads, head_dim = self.arch_heads
+            tensor = naming.split_fused_qkv(tensor, item.part, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                            head_dim=head_dim)
+        return tensor
+
+    def keys(self) -> list[str]:
+        """Every canonical TorchTitan key of the checkpoint."""
+        return list(self.sources)
+
+    def read(self, titan_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Whole tensors, rounded to the export dtype (for small models)."""
+        return {key: self._whole(key).to(self.dtype) for key in titan_keys}
+
+    def fill(self, targets: dict[str, torch.Tensor]) -> None:
+        """Copy each named tensor, rounded to the export dtype, into its (float32) target, piece by piece."""
+        direct = {self.sources[k].checkpoint_key: k for k in targets if self.sources[k].part is None}
+        for key in targets:
+            if self.sources[key].part is not None:
+                targets[key].copy_(self._whole(key).to(self.dtype))
+        groups = dcp_stream.plan_requests(self.source, dcp_stream.disk_order(self.source, direct), self.piece_bytes)
+        for (piece,) in dcp_stream.stream_pieces(self.source, groups, self.counter, piece_bytes=self.piece_bytes,
+                                                 buffers=self._buffers):
+            target = targets[direct[piece.fqn]]
+            for offset, block in self.caster.blocks(piece.tensor, self.dtype):
+                start = piece.row_start + offset
+                if target.dim():
+                    target[start:start + block.shape[0]].copy_(block)
+                else:
+                    target.copy_(block)
+
+    def rows(self, titan_key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a tensor (embedding lookups, head blocks), rounded to the export dtype."""
+        item = self.sources[titan_key]
+        if item.part is None and isinstance(self.source, dcp_read.StepMetadata):
+            tensor = dcp_read.read_rows(self.source, item.checkpoint_key, start, stop, self.counter)
+        else:
+            tensor = self._whole(titan_key)[start:stop]
+        return tensor.to(self.dtype)
