@@ -15,6 +15,31 @@ from molgen_export.run_config import ModelDims, RunConfig
 logger = logging.getLogger(__name__)
 
 QWEN3_ROPE_THETA = 1_000_000.0
+
+
+def require_torchtitan() -> None:
+    """Make sure the installed torchtitan has the 0.3 model API the export maps names and verifies with.
+
+    Raises:
+        DependencyError: torchtitan missing, or a version without `torchtitan.models.common` (e.g. 0.2.1).
+    """
+    from molgen_export.errors import DependencyError
+
+    try:
+        import torchtitan.models.common  # noqa: F401
+        import torchtitan.models.qwen3  # noqa: F401
+    except ImportError as exc:
+        try:
+            import importlib.metadata as md
+
+            version = md.version("torchtitan")
+        except Exception:
+            version = "none"
+        raise DependencyError(
+            f"molgen_export needs torchtitan 0.3 (its Qwen3 model and state-dict adapter) but found torchtitan "
+            f"{version} ({type(exc).__name__}: {exc})",
+            hint="run the export in an environment with torchtitan>=0.3,<0.4 (it does not import with torch 2.11); checkpoints written "
+                 "by TorchTitan 0.2 are read fine there") from exc
 QWEN3_NORM_EPS = 1e-6
 
 
@@ -51,6 +76,7 @@ class Qwen3Arch:
 
     def titan_model_config(self, *, tie: bool | None = None, fused_qkv: bool = False):
         """A torchtitan `Qwen3Model.Config` of this architecture, with causal SDPA attention for one-process use."""
+        require_torchtitan()
         import torchtitan.models.qwen3 as qwen3
         from torchtitan.models.common import CosSinRoPE, Embedding, Linear
         from torchtitan.models.common.attention import ScaledDotProductAttention

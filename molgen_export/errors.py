@@ -78,3 +78,7 @@ class OutputError(MolgenExportError, OSError):
 
 class StepLockedError(OutputError):
     """Another process (a watcher or a CLI run) is exporting this step right now (exit 2)."""
+
+
+class DependencyError(MolgenExportError, ImportError):
+    """A library the export needs is missing or of a version it cannot use (exit 2)."""
