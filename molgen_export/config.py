@@ -61,7 +61,8 @@ class ExportOptions:
     """Skip the TorchTitan-vs-HF logit comparison (never the default)."""
 
     logits_atol: float = 1e-3
-    """Largest max|logit difference| accepted between the TorchTitan and the HF model (float32, same rounded weights)."""
+    """Accepted max|logit difference| between the TorchTitan and the HF model, relative to the logits' scale:
+    the limit is `logits_atol * max(1, max|logit|)` (float32, same rounded weights)."""
 
     device: str = "cpu"
     """Device for the logit comparison: `cpu` or `cuda`."""
