@@ -17,7 +17,7 @@ import pytest
 
 from molgen_export import export, run_config, runner
 from molgen_export.errors import ConfigError
-from molgen_export.watch import read_journal
+from molgen_export.watch_state import read_journal
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -18,16 +18,9 @@ import pytest
 from hooks.demo_trainer import save_checkpoint
 from molgen_export import export
 from molgen_export.config import ExportOptions
-from molgen_export.watch import (
-    Watcher,
-    WatchOptions,
-    failure_record_path,
-    filesystem_type,
-    is_network_filesystem,
-    polling_interval,
-    read_journal,
-    step_dir_for_event,
-)
+from molgen_export.watch import Watcher, WatchOptions
+from molgen_export.watch_fs import filesystem_type, is_network_filesystem, polling_interval, step_dir_for_event
+from molgen_export.watch_state import failure_record_path, read_journal
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ExportOptions(skip_logits=True, threads=1)
