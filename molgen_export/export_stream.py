@@ -17,8 +17,10 @@ export dtype, so the reference never comes from our own output.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,8 +56,6 @@ class Caster:
 
     def blocks(self, tensor: torch.Tensor, dtype: torch.dtype):
         """Yield `(row_offset, cast_block)`; each block is valid until the next one is requested."""
-        import time
-
         if tensor.dtype == dtype:
             yield 0, tensor
             return
@@ -91,7 +91,8 @@ class StreamOutcome:
 
     writer: write.SafetensorsWriter
     tie: bool
-    tie_finding: checks.Finding
+    tie_finding: checks.Finding | None
+    """Set once the head was compared with the embedding."""
     planned: list[write.PlannedTensor]
     nonfinite: dict[str, tuple[int, int]] = field(default_factory=dict)
     """titan key -> (NaN, Inf) counts in the values written, for the tensors that have any."""
@@ -127,7 +128,10 @@ class WeightStreamer:
         self.piece_bytes = piece_bytes
         self.stats = dcp_stream.StreamStats()
         self.caster = Caster()
+        self.seconds = {"screen": 0.0, "write": 0.0, "compare": 0.0}
+        """Time spent by the caller screening for NaN/Inf, writing, and comparing head with embedding."""
         self._buffers: dict[int, bytearray] = {}
+        self._outcome: StreamOutcome | None = None
         self.by_checkpoint_key: dict[str, list[naming.TensorSource]] = {}
         for item in sources.values():
             self.by_checkpoint_key.setdefault(item.checkpoint_key, []).append(item)
@@ -141,87 +145,111 @@ class WeightStreamer:
         return dcp_stream.stream_pieces(self.source, groups, self.counter, piece_bytes=self.piece_bytes,
                                         stats=self.stats, buffers=self._buffers)
 
-    def _emit(self, writer: write.SafetensorsWriter, outcome: StreamOutcome, titan_key: str, row_start: int,
-              tensor: torch.Tensor, also_counts_for: str | None = None) -> None:
+    def _emit(self, outcome: StreamOutcome, titan_key: str, row_start: int, tensor: torch.Tensor,
+              also_counts_for: str | None = None) -> None:
+        """Cast, screen for NaN/Inf (counted for `titan_key` and `also_counts_for`) and write rows of a tensor."""
         hf_key = self.mapping[titan_key]
-        row_bytes = (tensor[0].numel() if tensor.dim() else 1) * self.dtype.itemsize
+        writer = outcome.writer
+        row_bytes = math.prod(tensor.shape[1:]) * self.dtype.itemsize
         for offset, block in self.caster.blocks(tensor, self.dtype):
+            began = time.perf_counter()
             if checks.any_nonfinite(block):
                 nan, inf = checks.count_nonfinite(block)
                 for key in (titan_key, also_counts_for):
                     if key is not None and (nan or inf):
                         before = outcome.nonfinite.get(key, (0, 0))
                         outcome.nonfinite[key] = (before[0] + nan, before[1] + inf)
+            screened = time.perf_counter()
             writer.write_part(hf_key, (row_start + offset) * row_bytes, block)
+            self.seconds["screen"] += screened - began
+            self.seconds["write"] += time.perf_counter() - screened
 
-    def _discard(self, writer: write.SafetensorsWriter) -> None:
-        writer.abort()
-        for shard in writer.shards:
-            (writer.folder / shard.filename).unlink(missing_ok=True)
+    def _open(self, tie: bool) -> StreamOutcome:
+        """A fresh writer for this tie decision (the one open before, if any, is discarded with its files)."""
+        if self._outcome is not None:
+            writer = self._outcome.writer
+            writer.abort()
+            for shard in writer.shards:
+                (writer.folder / shard.filename).unlink(missing_ok=True)
+        planned = self.planned(tie)
+        self._outcome = StreamOutcome(self.open_writer(planned), tie, None, planned)
+        return self._outcome
 
     def stream(self, run_says_tied: bool, after_tie: Callable[[StreamOutcome], None] | None = None) -> StreamOutcome:
         """Stream every weight; `after_tie` runs once the tie is decided, before the other tensors are read.
 
         Returns:
             The writer (not yet closed), the tie decision and finding, and the NaN/Inf counts.
+
+        Raises:
+            Whatever reading, `after_tie` or writing raises; the writer is aborted first.
         """
-        with torch_threads(1):
-            outcome = self._stream_embedding_and_head(run_says_tied)
-            if after_tie is not None:
-                after_tie(outcome)
-            self._stream_rest(outcome)
-        logger.info("streamed %d pieces: readers %.2f s in reads; caller %.2f s waiting for data, %.2f s casting",
-                    self.stats.pieces, self.stats.read_io, self.stats.consumer_waiting, self.caster.seconds)
+        try:
+            with torch_threads(1):
+                outcome = self._stream_embedding_and_head(run_says_tied)
+                if after_tie is not None:
+                    after_tie(outcome)
+                self._stream_rest(outcome)
+        except BaseException:
+            if self._outcome is not None:
+                self._outcome.writer.abort()
+            raise
+        logger.info("streamed %d pieces: readers %.2f s in reads; caller %.2f s waiting for data, %.2f s casting, "
+                    "%.2f s screening, %.2f s writing, %.2f s comparing head and embedding", self.stats.pieces,
+                    self.stats.read_io, self.stats.consumer_waiting, self.caster.seconds, self.seconds["screen"],
+                    self.seconds["write"], self.seconds["compare"])
         return outcome
 
     def _stream_embedding_and_head(self, run_says_tied: bool) -> StreamOutcome:
         embed = self.sources["tok_embeddings.weight"]
         head = self.sources.get("lm_head.weight")
         if head is None:
-            writer = self.open_writer(self.planned(True))
-            finding, tie = checks.tied_weights_finding(has_head=False, equal=True, max_diff=None,
-                                                       run_says_tied=run_says_tied)
-            outcome = StreamOutcome(writer, tie, finding, self.planned(True))
-            for (piece,) in self._stream(dcp_stream.plan_requests(self.source, [embed.checkpoint_key],
-                                                                  self.piece_bytes)):
-                self._emit(writer, outcome, embed.titan_key, piece.row_start, piece.tensor)
+            outcome = self._open(True)
+            outcome.tie_finding, _ = checks.tied_weights_finding(has_head=False, equal=True, max_diff=None,
+                                                                 run_says_tied=run_says_tied)
+            with closing(self._stream(dcp_stream.plan_requests(self.source, [embed.checkpoint_key],
+                                                               self.piece_bytes))) as pieces:
+                for (piece,) in pieces:
+                    self._emit(outcome, embed.titan_key, piece.row_start, piece.tensor)
             return outcome
         pairs = dcp_stream.plan_pairs(self.source, embed.checkpoint_key, head.checkpoint_key, self.piece_bytes // 2)
-        guess = tuple(self.source.model[embed.checkpoint_key].shape) == tuple(self.source.model[head.checkpoint_key].shape)
+        equal = tuple(self.source.model[embed.checkpoint_key].shape) == tuple(self.source.model[head.checkpoint_key].shape)
+        outcome = self._open(equal)  # guess tied while they can be equal: a truly untied head differs at once
+        max_diff = 0.0
         rereads = 0
-        while True:
-            outcome = StreamOutcome(self.open_writer(self.planned(guess)), guess, None, self.planned(guess))  # type: ignore[arg-type]
-            equal = guess
-            max_diff = 0.0
+        position = 0
+        while position < len(pairs):
             restart = False
-            for index, (e, h) in enumerate(self._stream(pairs)):
-                if equal:
-                    if bitwise_equal(e.tensor, h.tensor):
-                        self._emit(outcome.writer, outcome, embed.titan_key, e.row_start, e.tensor,
-                                   also_counts_for=head.titan_key)
-                        continue
-                    equal = False
-                    self._discard(outcome.writer)
-                    if index > 0:  # the tied layout already holds pieces: start over untied
-                        rereads = index
-                        restart = True
-                        break
-                    outcome = StreamOutcome(self.open_writer(self.planned(False)), False, None,  # type: ignore[arg-type]
-                                            self.planned(False))
-                self._emit(outcome.writer, outcome, embed.titan_key, e.row_start, e.tensor)
-                self._emit(outcome.writer, outcome, head.titan_key, h.row_start, h.tensor)
-                if run_says_tied:
-                    max_diff = max(max_diff, _max_abs_diff(e.tensor, h.tensor))
-            if restart:
-                logger.info("the head matched the embedding for %d pieces, then differed: streaming both again untied",
-                            rereads)
-                guess = False
-                continue
-            outcome.tie = equal
-            outcome.rereads = rereads
-            outcome.tie_finding, _ = checks.tied_weights_finding(
-                has_head=True, equal=equal, max_diff=None if equal else max_diff, run_says_tied=run_says_tied)
-            return outcome
+            with closing(self._stream(pairs[position:])) as pieces:
+                for e, h in pieces:
+                    position += 1
+                    if equal:
+                        began = time.perf_counter()
+                        same = bitwise_equal(e.tensor, h.tensor)
+                        self.seconds["compare"] += time.perf_counter() - began
+                        if same:
+                            self._emit(outcome, embed.titan_key, e.row_start, e.tensor, also_counts_for=head.titan_key)
+                            continue
+                        equal = False
+                        outcome = self._open(False)
+                        if position > 1:  # the tied layout already held pieces: read those again, untied
+                            rereads = position - 1
+                            logger.info("the head matched the embedding for %d pieces, then differed: reading "
+                                        "both again untied", rereads)
+                            position = 0
+                            restart = True
+                            break
+                    self._emit(outcome, embed.titan_key, e.row_start, e.tensor)
+                    self._emit(outcome, head.titan_key, h.row_start, h.tensor)
+                    if run_says_tied:
+                        max_diff = max(max_diff, _max_abs_diff(e.tensor, h.tensor))
+            if not restart:
+                break
+        outcome.tie = equal
+        outcome.rereads = rereads
+        outcome.tie_finding, _ = checks.tied_weights_finding(
+            has_head=True, equal=equal, max_diff=None if equal else max_diff, run_says_tied=run_says_tied)
+        return outcome
 
     def _stream_rest(self, outcome: StreamOutcome) -> None:
         skip = {self.sources["tok_embeddings.weight"].checkpoint_key}
@@ -230,15 +258,16 @@ class WeightStreamer:
         keys = [k for k in dcp_stream.disk_order(self.source, self.source.model) if k not in skip]
         fused = {k for k in keys if any(s.part for s in self.by_checkpoint_key.get(k, ()))}
         groups = dcp_stream.plan_requests(self.source, keys, self.piece_bytes, whole=fused)
-        for (piece,) in self._stream(groups):
-            for item in self.by_checkpoint_key[piece.fqn]:
-                if item.part is None:
-                    self._emit(outcome.writer, outcome, item.titan_key, piece.row_start, piece.tensor)
-                else:
-                    n_heads, n_kv_heads, head_dim = self.arch_heads
-                    value = naming.split_fused_qkv(piece.tensor, item.part, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                                   head_dim=head_dim)
-                    self._emit(outcome.writer, outcome, item.titan_key, 0, value)
+        with closing(self._stream(groups)) as pieces:
+            for (piece,) in pieces:
+                for item in self.by_checkpoint_key[piece.fqn]:
+                    if item.part is None:
+                        self._emit(outcome, item.titan_key, piece.row_start, piece.tensor)
+                    else:
+                        n_heads, n_kv_heads, head_dim = self.arch_heads
+                        value = naming.split_fused_qkv(piece.tensor, item.part, n_heads=n_heads,
+                                                       n_kv_heads=n_kv_heads, head_dim=head_dim)
+                        self._emit(outcome, item.titan_key, 0, value)
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -265,10 +294,15 @@ class TitanWeights:
         self.piece_bytes = piece_bytes
         self.caster = Caster(piece_bytes)
         self._buffers: dict[int, bytearray] = {}
+        self._last: tuple[str, torch.Tensor] | None = None
+        """The last tensor read whole (for sources read whole, and fused wqkv split three ways)."""
 
     def _whole(self, titan_key: str) -> torch.Tensor:
         item = self.sources[titan_key]
-        tensor = self.source.read(item.checkpoint_key, self.counter)
+        if self._last is None or self._last[0] != item.checkpoint_key:  # a fused wqkv feeds three keys
+            self._last = None
+            self._last = (item.checkpoint_key, self.source.read(item.checkpoint_key, self.counter))
+        tensor = self._last[1]
         if item.part is not None:
             n_heads, n_kv_heads, head_dim = self.arch_heads
             tensor = naming.split_fused_qkv(tensor, item.part, n_heads=n_heads, n_kv_heads=n_kv_heads,

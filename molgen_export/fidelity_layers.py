@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,54 +42,96 @@ class WeightSource(Protocol):
         """Rows `start:stop` (dim 0) of a tensor."""
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class HFWeights:
-    """The written folder's tensors, read through `safetensors` (the library users load with), in row blocks.
+    """The written folder's tensors, read where their safetensors headers say, in row blocks into the caller's
+    tensors.
+
+    `pread` rather than `safe_open`: safetensors maps the files, and every page read through a mapping counts
+    in the process's resident memory until it exits (a 16 GB export would show 16 GB). Names, dtypes and shapes
+    were already checked through safetensors itself (`fidelity.check_written_tensors`).
 
     Raises (from its methods):
         VerificationError: a tensor is missing from the files or has another shape.
     """
 
     def __init__(self, hf_dir: Path):
-        from safetensors import safe_open
-
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
             files = json.loads(index.read_text())["weight_map"]
         else:
-            with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as handle:
-                files = {key: "model.safetensors" for key in handle.keys()}
+            files = {key: "model.safetensors" for key in self._header(hf_dir / "model.safetensors")[1]}
         self.hf_dir = hf_dir
         self.files = files
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
+        self._local = threading.local()
 
-    def _slice(self, key: str):
+    @staticmethod
+    def _header(path: Path) -> tuple[int, dict]:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return 8 + length, header
+
+    def _locate(self, key: str) -> tuple[Path, torch.dtype, tuple[int, ...], int]:
         name = self.files.get(key)
         if name is None:
             raise VerificationError(f"the exported files in {self.hf_dir} lack `{key}`, which Qwen3ForCausalLM needs",
                                     hint="the export does not match Qwen3ForCausalLM; this is a bug, please report it")
-        handle = self._handles.get(name)
-        if handle is None:
-            from safetensors import safe_open
+        if name not in self._headers:
+            self._headers[name] = self._header(self.hf_dir / name)
+        data_start, header = self._headers[name]
+        entry = header[key]
+        return (self.hf_dir / name, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                data_start + entry["data_offsets"][0])
 
-            handle = self._handles[name] = safe_open(str(self.hf_dir / name), framework="pt")
-        return handle.get_slice(key)
+    def _read(self, path: Path, offset: int, nbytes: int, buffer: bytearray | None = None) -> bytearray:
+        buffer = buffer if buffer is not None else bytearray(nbytes)
+        view = memoryview(buffer)[:nbytes]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise VerificationError(f"{path} ends before its header says", path=path,
+                                            hint="the export is damaged; export again")
+                done += n
+        finally:
+            os.close(fd)
+        return buffer
 
     def fill(self, targets: dict[str, torch.Tensor]) -> None:
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = bytearray(BLOCK_BYTES)
         for key, target in targets.items():
-            piece = self._slice(key)
-            shape = tuple(piece.get_shape())
+            path, dtype, shape, begin = self._locate(key)
             if shape != tuple(target.shape):
                 raise VerificationError(f"`{key}` in {self.hf_dir} is {list(shape)}, Qwen3 needs {list(target.shape)}",
                                         hint="the export does not match its config.json; this is a bug, please report it")
-            if not shape:
-                target.copy_(piece[...])
-                continue
-            step = max(1, BLOCK_BYTES // max(1, target[0].numel() * 4))
-            for start in range(0, shape[0], step):
-                target[start:start + step].copy_(piece[start:start + step])
+            rows = shape[0] if shape else 1
+            row_bytes = max(1, target.numel() // max(1, rows)) * dtype.itemsize
+            step = max(1, len(buffer) // row_bytes)
+            flat = target if target.dim() else target.reshape(1)
+            for start in range(0, rows, step):
+                stop = min(rows, start + step)
+                nbytes = (stop - start) * row_bytes
+                data = self._read(path, begin + start * row_bytes, nbytes, buffer if nbytes <= len(buffer) else None)
+                block = torch.frombuffer(data, dtype=torch.uint8, count=nbytes).view(dtype)
+                flat[start:stop].copy_(block.view(flat[start:stop].shape))
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self._slice(key)[start:stop]
+        path, dtype, shape, begin = self._locate(key)
+        row_bytes = max(1, int(torch.Size(shape[1:]).numel())) * dtype.itemsize
+        nbytes = (stop - start) * row_bytes
+        data = self._read(path, begin + start * row_bytes, nbytes)
+        return torch.frombuffer(data, dtype=torch.uint8, count=nbytes).view(dtype).view(stop - start, *shape[1:])
 
 
 def _titan_block(arch: Qwen3Arch, tie: bool, device: str) -> torch.nn.Module:

@@ -107,6 +107,26 @@ def titan_layout(arch, *, model_only: bool, dtype) -> dict:
     return state
 
 
+QWEN3_PADDED_ROWS = 267
+"""Qwen3's embedding has 151936 rows for 151669 token ids."""
+
+
+def pad_tokenizer(path: Path, ids: int) -> int:
+    """Grow a BPE tokenizer's vocabulary to `ids` entries (unreachable extra tokens), so the logit check compares
+    as many head rows as with a real Qwen3 tokenizer. Returns the new size."""
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
+    next_id = 0
+    while len(taken) < ids:
+        while next_id in taken:
+            next_id += 1
+        vocab[f"<|bench_extra_{next_id}|>"] = next_id
+        taken.add(next_id)
+    path.write_text(json.dumps(data))
+    return len(taken)
+
+
 def _make_planner(arch, seed: int):
     import torch
     from torch.distributed.checkpoint import DefaultSavePlanner
@@ -155,18 +175,20 @@ def build_checkpoint(workdir: Path, flavor: str, *, model_only: bool, dtype_name
     arch = flavor_arch(flavor)
     checkpoint_root = workdir / "run" / "checkpoint"
     step_dir = checkpoint_root / "step-1000"
-    if (step_dir / ".metadata").is_file():
-        return step_dir
-    if step_dir.exists():
-        shutil.rmtree(step_dir)
     checkpoint_root.mkdir(parents=True, exist_ok=True)
     assets = workdir / "assets"
     size = make_tokenizer(assets, 300, seed)
+    if flavor != "tiny":
+        size = pad_tokenizer(assets / "tokenizer.json", arch.vocab_size - QWEN3_PADDED_ROWS)
     write_base_assets(assets, arch, eos_id=0)
     job = workdir / "run" / "job_config.json"
     job.write_text(json.dumps(job_config_dict(arch, flavor=flavor if flavor != "tiny" else "molgen_tiny",
                                               hf_assets_path="./assets", dump_folder="./run", seq_len=4096)))
     write_checkpoint_config(checkpoint_root, job, launch_dir=workdir)
+    if (step_dir / ".metadata").is_file():
+        return step_dir
+    if step_dir.exists():
+        shutil.rmtree(step_dir)
     started = time.perf_counter()
     state = titan_layout(arch, model_only=model_only, dtype=getattr(torch, dtype_name))
     with warnings.catch_warnings():

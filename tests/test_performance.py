@@ -157,6 +157,29 @@ def test_pieces_reassemble_exactly_with_bounded_buffers(tmp_path):
     assert counter.bytes <= 1.05 * meta.model_bytes
 
 
+def test_mapped_reads_match_and_release_their_pages(tmp_path, monkeypatch):
+    """The opt-in mmap path (dcp_stream.MAP_SHARDS) gives the same pieces and unmaps each one once used."""
+    state = {"w": torch.randn(1500, 300), "v": torch.randn(900, 400)}
+    _save(state, tmp_path / "step-1")
+    meta = dcp_read.read_step_metadata(tmp_path / "step-1")
+    monkeypatch.setattr(dcp_stream, "MAP_SHARDS", True)
+    released: list[int] = []
+    real_release = dcp_stream._Reader.release
+
+    def release(self, slot):
+        if slot in self.mapped:
+            released.append(slot)
+        real_release(self, slot)
+
+    monkeypatch.setattr(dcp_stream._Reader, "release", release)
+    groups = dcp_stream.plan_requests(meta, ["w", "v"], 200_000)
+    got: dict[str, list[torch.Tensor]] = {}
+    for (piece,) in dcp_stream.stream_pieces(meta, groups, piece_bytes=200_000):
+        got.setdefault(piece.fqn, []).append(piece.tensor.clone())
+    assert torch.equal(torch.cat(got["w"]), state["w"]) and torch.equal(torch.cat(got["v"]), state["v"])
+    assert len(released) == len(groups)
+
+
 def test_head_matching_embedding_at_first_then_differing_is_exported_untied(tmp_path):
     """The tie is decided piece by piece; a late difference restarts the two tensors untied, correctly."""
     embedding = torch.randn(2000, 256)
