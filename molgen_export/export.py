@@ -107,6 +107,14 @@ def output_dir_for(step_dir: Path, options: ExportOptions) -> Path:
     return root.parent / f"{root.name}-hf" / name
 
 
+def _recorded_fingerprint(output_dir: Path) -> str | None:
+    """The source fingerprint an existing export records, or None."""
+    try:
+        return json.loads((output_dir / REPORT_FILE).read_text()).get("source_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def export_state(step_dir: Path, options: ExportOptions) -> str:
     """`exported` (same source), `stale` (an export from another save of this step) or `missing`."""
     report_path = output_dir_for(step_dir, options) / REPORT_FILE
@@ -311,8 +319,18 @@ def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportR
 
 def export_planned(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, output_dir: Path,
                    started: float) -> ExportReport:
-    """Stream, check, write, verify and publish a planned export into `output_dir` (under its lock)."""
+    """Stream, check, write, verify and publish a planned export into `output_dir` (under its lock).
+
+    Without `options.force`, an export already published from the same source (same fingerprint) is kept and
+    the report says `skipped`: checked after taking the lock, so a process that waited behind another's export
+    of this step does not redo it.
+    """
     with step_lock(output_dir):
+        if not options.force and report.source_fingerprint and _recorded_fingerprint(output_dir) == report.source_fingerprint:
+            report.status = "skipped"
+            report.timings["total"] = round(time.perf_counter() - started, 4)
+            logger.info("%s already exported from this checkpoint to %s", plan.meta.label, output_dir)
+            return report
         write.clean_stale_temp_dirs(output_dir.parent, output_dir.name)
         temp_dir = write.make_temp_dir(output_dir.parent, output_dir.name)
         try:

@@ -99,7 +99,7 @@ def test_json_output(capsys, demo_run, tmp_path):
     (report,) = json.loads(out)
     assert report["status"] == "exported" and report["output_dir"] == str(tmp_path / "step-10-hf")
     assert report["fidelity"]["passed"] and report["bytes_read"] <= 1.05 * report["model_bytes"]
-    assert {"metadata", "read", "write", "verify", "total"} <= set(report["timings"])
+    assert {"metadata", "stream", "verify_files", "verify_logits", "publish", "total"} <= set(report["timings"])
 
 
 # -- dry run ------------------------------------------------------------------------------------------------

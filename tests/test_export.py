@@ -106,7 +106,9 @@ def test_reexport_replaces_old_export_atomically(demo_run):
     step = demo_run.steps[0]
     out = Path(export_step(step, ExportOptions(skip_logits=True)).output_dir)
     (out / "stray.txt").write_text("from an older export")
-    export_step(step, ExportOptions(skip_logits=True))
+    assert export_step(step, ExportOptions(skip_logits=True)).status == "skipped"  # same source: kept
+    assert (out / "stray.txt").exists()
+    export_step(step, ExportOptions(skip_logits=True, force=True))
     assert not (out / "stray.txt").exists()
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(".step") and not p.name.endswith(".lock")]
     assert leftovers == []

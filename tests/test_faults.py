@@ -69,7 +69,7 @@ def test_random_sigkills_never_publish_a_partial_export(demo_run):
         assert_no_partial_export(export_root)
     assert kills == 6
     # the next run cleans up after the dead ones and completes
-    report = export_step(step, ExportOptions(max_shard_size="150KB"))
+    report = export_step(step, ExportOptions(max_shard_size="150KB", force=True))
     assert report.status == "exported" and report.fidelity["passed"]
     assert_no_partial_export(export_root)
     assert [p.name for p in export_root.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
