@@ -363,6 +363,8 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grace", type=float, default=defaults.grace,
                        help="on SIGTERM, seconds the export in flight may take to finish before it is aborted")
     group.add_argument("--rescan", type=float, default=defaults.rescan, help="seconds between full rescans (0: off)")
+    group.add_argument("--locked-recheck", type=float, default=defaults.locked_recheck,
+                       help="seconds before looking again at a step another process is exporting (default 15)")
     cli.add_export_options(parser)
     parser.set_defaults(threads=4)
     cli.add_verbosity(parser)

@@ -141,6 +141,9 @@ class StepExporter:
             self._failed(item, step_dir, output_dir, exc, outcome, duration, latency)
             return
         self.exporting = None
+        if report.status == "skipped":  # another process published this very save while this one planned
+            self.record(outcome("skipped", duration_s=round(time.time() - started, 3), report=report, **latency))
+            return
         failure_record_path(output_dir).unlink(missing_ok=True)
         self.record(outcome("exported", duration_s=round(time.time() - started, 3), report=report, **latency))
         self.hooks.add(item.step, step_dir, output_dir)
