@@ -20,6 +20,7 @@ import pytest
 
 from molgen_export import export
 from molgen_export.config import ExportOptions
+from molgen_export.watch import Watcher, WatchOptions
 from molgen_export.watch_state import JOURNAL_FILE, export_root_for, read_journal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +125,26 @@ def assert_published_from_source(export_root: Path, checkpoint_root: Path, steps
         assert report["source_fingerprint"] == export.source_fingerprint(checkpoint_root / f"step-{step}")
         reports[step] = report
     return reports
+
+
+def test_a_step_published_by_another_exporter_while_the_watcher_plans_is_journaled_skipped(demo_run):
+    """The window the CLI race hit: the watcher has claimed and re-checked a step, another exporter (a manual CLI
+    run) publishes it, then the watcher's `export_step` takes the step lock. It must not export again, and the
+    watcher must journal `skipped`, not a second `exported`."""
+    options = ExportOptions(skip_logits=True, threads=1)
+    published_by_other = []
+
+    def another_exporter_finishes_first(step_dir: Path) -> None:  # called after the claim, before export_step
+        published_by_other.append(export.export_step(step_dir, options).status)
+
+    watcher = Watcher(demo_run.checkpoint_root, options, WatchOptions(once=True, nice=0, rescan=0),
+                      before_export=another_exporter_finishes_first)
+    outcomes = watcher.run()
+    assert published_by_other == ["exported", "exported"]
+    assert [(o.step, o.status) for o in outcomes] == [(10, "skipped"), (20, "skipped")]
+    assert not [e for e in read_journal(watcher.export_root) if e.get("status") == "exported"]
+    assert_published_from_source(watcher.export_root, demo_run.checkpoint_root, (10, 20))
+    assert_no_partial_output(watcher.export_root)
 
 
 @pytest.mark.slow
