@@ -61,6 +61,9 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
                        help="accepted max|logit difference| relative to max|logit| (default 1e-3)")
     group.add_argument("--device", default="cpu", help="device for the logit comparison (cpu or cuda)")
     group.add_argument("--threads", type=int, help="torch threads for the export")
+    group.add_argument("--allow-expert-bias-drop", action="store_true",
+                       help="export a Qwen3 MoE whose load-balancing expert bias is non-zero (routing will differ; "
+                            "recorded as a warning)")
 
 
 def options_from_args(args: argparse.Namespace, **overrides):

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 REPORT_FILE = "export_report.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MOE_TOLERANCE_FACTOR = 2
+"""The logit tolerance for Qwen3 MoE exports is this many times `logits_atol` (see `_export_into`)."""
 
 
 @dataclass
@@ -183,6 +185,8 @@ class _Plan:
     export_dtype: torch.dtype
     tokenizer_files: list[Path]
     tokenizer_size: int | None
+    training_buffers: dict[str, str] = field(default_factory=dict)
+    """MoE training-only buffers (canonical key -> checkpoint key): checked, never exported."""
 
 
 def _plan(step_dir: Path, options: ExportOptions, report: ExportReport, timer: _Timer) -> _Plan:
@@ -228,12 +232,12 @@ def plan_source(meta, run: run_config.RunConfig, options: ExportOptions, report:
     with timer.stage("map"):
         dims = run.dims if run.dims.n_heads else (architecture.dims_from_flavor(run.model_name, run.flavor)
                                                   or architecture.dims_from_hf_config(base_config))
-        if run.dims.moe:
-            raise ConfigError(f"the run config {run.source} describes a Qwen3 MoE model, which this release does "
-                              "not export yet", path=run.source, hint="export a dense Qwen3 run")
-        sources, rules = naming.canonicalize_keys({k: e.shape for k, e in meta.model.items()}, n_heads=dims.n_heads,
+        model_shapes, buffers = naming.split_training_buffers({k: e.shape for k, e in meta.model.items()})
+        sources, rules = naming.canonicalize_keys(model_shapes, n_heads=dims.n_heads,
                                                   n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim)
-        facts = architecture.facts_from_shapes({k: s.shape for k, s in sources.items()})
+        canonical_shapes = {s.grouped_key: tuple(meta.model[s.checkpoint_key].shape) if s.expert is not None else s.shape
+                            for s in sources.values()}
+        facts = architecture.facts_from_shapes(canonical_shapes)
         arch, warnings = architecture.resolve_architecture(run, facts, base_config)
         mapping = naming.map_to_hf(sources, arch.titan_model_config())
     report.key_rules = rules
@@ -254,7 +258,7 @@ def plan_source(meta, run: run_config.RunConfig, options: ExportOptions, report:
             f"{run.keep_latest_k}: TorchTitan counts `{meta.label}-hf` as a checkpoint (pattern step-(\\d+)), "
             "may delete it and may resume from it")
     return _Plan(meta, run, assets, sources, mapping, arch, base_config, DTYPES[dtype_name], tokenizer_files,
-                 tokenizer_size)
+                 tokenizer_size, buffers)
 
 
 def _metadata_checks(plan: _Plan, tie: bool | None) -> list[checks.Finding]:
@@ -262,10 +266,19 @@ def _metadata_checks(plan: _Plan, tie: bool | None) -> list[checks.Finding]:
     hf_keys = {plan.mapping[k] for k in plan.sources if not (tie and k == "lm_head.weight")}
     with_head = not tie if tie is not None else "lm_head.weight" in plan.sources
     found = [
-        checks.check_key_coverage(hf_keys, naming.expected_hf_keys(plan.arch.n_layers, with_head=with_head)),
+        checks.check_key_coverage(hf_keys, naming.expected_hf_keys(
+            plan.arch.n_layers, with_head=with_head, moe_layers=plan.arch.moe.moe_layers if plan.arch.moe else (),
+            num_experts=plan.arch.moe.num_experts if plan.arch.moe else 0)),
         checks.check_embedding_shapes(shapes, plan.arch.vocab_size, plan.arch.dim),
         checks.check_vocab_padding(plan.arch.vocab_size, plan.tokenizer_size),
     ]
+    if tie is None and plan.arch.moe is not None:
+        moe = plan.arch.moe
+        biases = sum(1 for k in plan.training_buffers if k.endswith("expert_bias_E"))
+        found.append(checks.Finding(
+            "moe", True, f"{moe.num_experts} experts, top-{moe.top_k}, expert FFN {moe.moe_hidden_dim}, "
+                         f"norm_topk_prob={moe.norm_topk_prob}, MoE layers {list(moe.moe_layers)}; "
+                         f"{biases} expert-bias buffers (must be zero, checked when the data is read)"))
     if tie is None:  # metadata only: say what the data check will decide
         has_head = "lm_head.weight" in plan.sources
         found.append(checks.Finding(
@@ -358,6 +371,14 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
     counter = dcp_read.ByteCounter()
     heads = (plan.arch.n_heads, plan.arch.n_kv_heads, plan.arch.head_dim)
     findings: list[checks.Finding] = []
+    if plan.arch.moe is not None or plan.training_buffers:
+        biases = {key: plan.meta.read(checkpoint_key, counter) for key, checkpoint_key in plan.training_buffers.items()
+                  if key.endswith("expert_bias_E")}
+        bias_finding = checks.check_expert_bias(biases, options.allow_expert_bias_drop)
+        if bias_finding.warning:
+            report.warnings.append(bias_finding.detail)
+        findings.append(bias_finding)
+        checks.raise_on_failures(findings, plan.meta.label)
 
     def open_writer(planned: list[write.PlannedTensor]) -> write.SafetensorsWriter:
         return write.SafetensorsWriter(temp_dir, write.plan_shards(planned, options.max_shard_bytes))
@@ -414,9 +435,12 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
             verify_counter = dcp_read.ByteCounter()
             titan = export_stream.TitanWeights(plan.meta, plan.sources, plan.export_dtype, heads, verify_counter)
             limit = plan.tokenizer_size or plan.arch.vocab_size
+            # MoE: expert outputs are summed in another order (grouped GEMMs vs per-expert loops), and a token whose
+            # router scores nearly tie may pick another expert, so the limit is MOE_TOLERANCE_FACTOR times looser
+            tolerance = options.logits_atol * (MOE_TOLERANCE_FACTOR if plan.arch.moe is not None else 1)
             result = fidelity.verify_export(plan.arch, titan, temp_dir, tie=outcome.tie,
                                             vocab_limit=min(limit, plan.arch.vocab_size),
-                                            tolerance=options.logits_atol, device=options.device)
+                                            tolerance=tolerance, device=options.device)
             report.verify_bytes_read = verify_counter.bytes
             report.fidelity = result.to_json()
             where = f"; first divergence: {result.first_divergence}" if result.first_divergence else ""

@@ -255,13 +255,19 @@ class WeightStreamer:
         skip = {self.sources["tok_embeddings.weight"].checkpoint_key}
         if "lm_head.weight" in self.sources:
             skip.add(self.sources["lm_head.weight"].checkpoint_key)
-        keys = [k for k in dcp_stream.disk_order(self.source, self.source.model) if k not in skip]
+        # training-only buffers (MoE expert bias) have no HF tensor: checked elsewhere, never streamed
+        keys = [k for k in dcp_stream.disk_order(self.source, self.source.model)
+                if k not in skip and k in self.by_checkpoint_key]
         fused = {k for k in keys if any(s.part for s in self.by_checkpoint_key.get(k, ()))}
         groups = dcp_stream.plan_requests(self.source, keys, self.piece_bytes, whole=fused)
         with closing(self._stream(groups)) as pieces:
             for (piece,) in pieces:
                 for item in self.by_checkpoint_key[piece.fqn]:
-                    if item.part is None:
+                    if item.expert is not None:  # grouped experts: a piece holds whole experts (rows of dim 0)
+                        local = item.expert - piece.row_start
+                        if 0 <= local < piece.tensor.shape[0]:
+                            self._emit(outcome, item.titan_key, 0, piece.tensor[local])
+                    elif item.part is None:
                         self._emit(outcome, item.titan_key, piece.row_start, piece.tensor)
                     else:
                         n_heads, n_kv_heads, head_dim = self.arch_heads
@@ -296,9 +302,17 @@ class TitanWeights:
         self._buffers: dict[int, bytearray] = {}
         self._last: tuple[str, torch.Tensor] | None = None
         """The last tensor read whole (for sources read whole, and fused wqkv split three ways)."""
+        self._canonical: dict[str, naming.TensorSource] = {}
+        """Canonical TorchTitan key -> source; per-expert sources fold back into their grouped tensor."""
+        for key, item in sources.items():
+            if item.expert is None:
+                self._canonical[key] = item
+            elif item.grouped_key not in self._canonical:
+                self._canonical[item.grouped_key] = naming.TensorSource(item.grouped_key, item.checkpoint_key,
+                                                                        tuple(source.model[item.checkpoint_key].shape))
 
     def _whole(self, titan_key: str) -> torch.Tensor:
-        item = self.sources[titan_key]
+        item = self._canonical[titan_key]
         if self._last is None or self._last[0] != item.checkpoint_key:  # a fused wqkv feeds three keys
             self._last = None
             self._last = (item.checkpoint_key, self.source.read(item.checkpoint_key, self.counter))
@@ -310,8 +324,8 @@ class TitanWeights:
         return tensor
 
     def keys(self) -> list[str]:
-        """Every canonical TorchTitan key of the checkpoint."""
-        return list(self.sources)
+        """Every canonical TorchTitan key of the checkpoint (grouped experts as one key)."""
+        return list(self._canonical)
 
     def read(self, titan_keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """Whole tensors, rounded to the export dtype (for small models)."""
@@ -319,9 +333,9 @@ class TitanWeights:
 
     def fill(self, targets: dict[str, torch.Tensor]) -> None:
         """Copy each named tensor, rounded to the export dtype, into its (float32) target, piece by piece."""
-        direct = {self.sources[k].checkpoint_key: k for k in targets if self.sources[k].part is None}
+        direct = {self._canonical[k].checkpoint_key: k for k in targets if self._canonical[k].part is None}
         for key in targets:
-            if self.sources[key].part is not None:
+            if self._canonical[key].part is not None:
                 targets[key].copy_(self._whole(key).to(self.dtype))
         groups = dcp_stream.plan_requests(self.source, dcp_stream.disk_order(self.source, direct), self.piece_bytes)
         for (piece,) in dcp_stream.stream_pieces(self.source, groups, self.counter, piece_bytes=self.piece_bytes,
@@ -336,7 +350,7 @@ class TitanWeights:
 
     def rows(self, titan_key: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of a tensor (embedding lookups, head blocks), rounded to the export dtype."""
-        item = self.sources[titan_key]
+        item = self._canonical[titan_key]
         if item.part is None and isinstance(self.source, dcp_read.StepMetadata):
             tensor = dcp_read.read_rows(self.source, item.checkpoint_key, start, stop, self.counter)
         else:

@@ -1,6 +1,6 @@
 """Save a tiny TorchTitan Qwen3 checkpoint from 2 ranks (gloo, CPU) with the model sharded by FSDP2.
 
-Run with `python -m torch.distributed.run --nproc-per-node 2 tests/helpers/sharded_save.py STEP_DIR SEED REF_PT`.
+Run with `python -m torch.distributed.run --nproc-per-node 2 tests/helpers/sharded_save.py STEP_DIR SEED REF_PT [moe]`.
 Rank 0 also saves the full (unsharded) model state to REF_PT for comparison.
 """
 
@@ -13,14 +13,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.fsdp import fully_shard
 
-from molgen_export.demo import build_model, tiny_arch, titan_checkpoint_state
+from molgen_export.demo import build_model, tiny_arch, tiny_moe_arch, titan_checkpoint_state
 
 
 def main() -> None:
     step_dir, seed, reference = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     dist.init_process_group("gloo")
     torch.manual_seed(seed)
-    arch = tiny_arch(vocab_size=320, tie=False)
+    arch = tiny_moe_arch(moe_layers=(1,)) if len(sys.argv) > 4 and sys.argv[4] == "moe" else tiny_arch(vocab_size=320, tie=False)
     model = build_model(arch, seed)
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     mesh = dist.device_mesh.init_device_mesh("cpu", (dist.get_world_size(),))
