@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from molgen_export.config import ExportOptions
+from tests.helpers.procs import run_group
 from molgen_export.demo import make_demo_run, tiny_arch
 from molgen_export.errors import (CheckpointFormatError, ConfigError, MappingError, VerificationError)
 from molgen_export.export import export_step, output_dir_for
@@ -203,9 +204,9 @@ def test_sharded_two_rank_fsdp_checkpoint(tmp_path):
     checkpoint_root.mkdir(parents=True)
     reference = tmp_path / "reference.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     str(REPO / "tests" / "helpers" / "sharded_save.py"), str(checkpoint_root / "step-10"), "0",
-                    str(reference)], check=True, timeout=180, env=env, capture_output=True)
+                    str(reference)], timeout=180, env=env)
     assert len(list((checkpoint_root / "step-10").glob("*.distcp"))) == 2
     from molgen_export.demo import job_config_dict, make_tokenizer, write_base_assets
     from molgen_export.run_config import write_checkpoint_config

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from molgen_export.cli import main
 from molgen_export.config import ExportOptions
+from tests.helpers.procs import run_group
 from molgen_export.demo import make_demo_run, tiny_moe_arch
 from molgen_export.errors import VerificationError
 from molgen_export.export import export_step
@@ -137,10 +138,9 @@ def test_two_rank_fsdp_moe_checkpoint(tmp_path):
     checkpoint_root = tmp_path / "run" / "checkpoint"
     checkpoint_root.mkdir(parents=True)
     reference = tmp_path / "reference.pt"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     str(REPO / "tests" / "helpers" / "sharded_save.py"), str(checkpoint_root / "step-10"), "0",
-                    str(reference), "moe"], check=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                   capture_output=True)
+                    str(reference), "moe"], timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     from molgen_export.demo import job_config_dict, make_tokenizer, write_base_assets
     from molgen_export.run_config import write_checkpoint_config
 
