@@ -361,6 +361,20 @@ def export_planned(plan: _Plan, options: ExportOptions, report: ExportReport, ti
     return report
 
 
+def check_expert_bias(plan: _Plan, options: ExportOptions, report: ExportReport,
+                      counter: dcp_read.ByteCounter) -> list[checks.Finding]:
+    """The MoE expert-bias finding (reads the small bias buffers); raises when it fails."""
+    if plan.arch.moe is None and not plan.training_buffers:
+        return []
+    biases = {key: plan.meta.read(checkpoint_key, counter) for key, checkpoint_key in plan.training_buffers.items()
+              if key.endswith("expert_bias_E")}
+    finding = checks.check_expert_bias(biases, options.allow_expert_bias_drop)
+    if finding.warning:
+        report.warnings.append(finding.detail)
+    checks.raise_on_failures([finding], plan.meta.label)
+    return [finding]
+
+
 def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, temp_dir: Path) -> None:
     """Stream the weights into `temp_dir`, write configs and tokenizer, verify what is on disk.
 
@@ -370,15 +384,7 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
     """
     counter = dcp_read.ByteCounter()
     heads = (plan.arch.n_heads, plan.arch.n_kv_heads, plan.arch.head_dim)
-    findings: list[checks.Finding] = []
-    if plan.arch.moe is not None or plan.training_buffers:
-        biases = {key: plan.meta.read(checkpoint_key, counter) for key, checkpoint_key in plan.training_buffers.items()
-                  if key.endswith("expert_bias_E")}
-        bias_finding = checks.check_expert_bias(biases, options.allow_expert_bias_drop)
-        if bias_finding.warning:
-            report.warnings.append(bias_finding.detail)
-        findings.append(bias_finding)
-        checks.raise_on_failures(findings, plan.meta.label)
+    findings = check_expert_bias(plan, options, report, counter)
 
     def open_writer(planned: list[write.PlannedTensor]) -> write.SafetensorsWriter:
         return write.SafetensorsWriter(temp_dir, write.plan_shards(planned, options.max_shard_bytes))
@@ -413,10 +419,19 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
     except BaseException:
         writer.abort()
         raise
-    planned = outcome.planned
+    finish_export(plan, options, report, timer, temp_dir, outcome.tie, outcome.planned, findings)
 
+
+def finish_export(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, temp_dir: Path,
+                  tie: bool, planned: list[write.PlannedTensor], findings: list[checks.Finding]) -> None:
+    """After the weights are on disk: configs, tokenizer, re-read check, logit check, model card.
+
+    Raises:
+        VerificationError: any finding failed (the caller removes `temp_dir`).
+    """
+    heads = (plan.arch.n_heads, plan.arch.n_kv_heads, plan.arch.head_dim)
     with timer.stage("assets"):
-        hf_config = hf_model.build_hf_config(plan.base_config, plan.arch, tie=outcome.tie, dtype=report.export_dtype)
+        hf_config = hf_model.build_hf_config(plan.base_config, plan.arch, tie=tie, dtype=report.export_dtype)
         generation = hf_model.build_generation_config(plan.assets, hf_config)
         report.warnings.extend(hf_model.reconcile_special_tokens(hf_config, generation,
                                                                  hf_model.special_token_ids(plan.assets)))
@@ -438,7 +453,7 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
             # MoE: expert outputs are summed in another order (grouped GEMMs vs per-expert loops), and a token whose
             # router scores nearly tie may pick another expert, so the limit is MOE_TOLERANCE_FACTOR times looser
             tolerance = options.logits_atol * (MOE_TOLERANCE_FACTOR if plan.arch.moe is not None else 1)
-            result = fidelity.verify_export(plan.arch, titan, temp_dir, tie=outcome.tie,
+            result = fidelity.verify_export(plan.arch, titan, temp_dir, tie=tie,
                                             vocab_limit=min(limit, plan.arch.vocab_size),
                                             tolerance=tolerance, device=options.device)
             report.verify_bytes_read = verify_counter.bytes

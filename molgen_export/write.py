@@ -175,8 +175,9 @@ class SafetensorsWriter:
         except OSError as exc:
             raise _output_error(exc, self.folder / shard.filename, sum(s.size for s in self.shards)) from exc
 
-    def close(self) -> list[str]:
-        """fsync and close every shard; write the index when sharded. Returns the files written."""
+    def close(self, *, index: bool = True) -> list[str]:
+        """fsync and close every shard; write the index when sharded (unless `index=False`: a rank of a
+        distributed export writes some shards, rank 0 the index of all). Returns the files written."""
         missing = sorted(set(self._expected) - self._written)
         if missing:
             raise AssertionError(f"tensors never written: {missing[:5]}")
@@ -185,12 +186,8 @@ class SafetensorsWriter:
             os.close(fd)
         self._fds.clear()
         files = [s.filename for s in self.shards]
-        if len(self.shards) > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for t in self._expected.values())},
-                     "weight_map": {key: shard.filename for shard in self.shards for key in sorted(shard.offsets)}}
-            index["weight_map"] = dict(sorted(index["weight_map"].items()))
-            write_json(self.folder / INDEX_FILE, index)
-            files.append(INDEX_FILE)
+        if index:
+            files += write_index(self.folder, self.shards)
         return files
 
     def abort(self) -> None:
@@ -200,6 +197,17 @@ class SafetensorsWriter:
             except OSError:
                 pass
         self._fds.clear()
+
+
+def write_index(folder: Path, shards: list[Shard]) -> list[str]:
+    """`model.safetensors.index.json` for these shards, when there are several; returns what was written."""
+    if len(shards) <= 1:
+        return []
+    weight_map = {key: shard.filename for shard in shards for key in shard.offsets}
+    index = {"metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard.tensors)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    write_json(folder / INDEX_FILE, index)
+    return [INDEX_FILE]
 
 
 def write_json(path: Path, data: dict) -> None:
