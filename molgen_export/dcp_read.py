@@ -139,7 +139,12 @@ def chunk_record(meta: StepMetadata, fqn: str, index: int, counter: ByteCounter 
     return record
 
 
-def _decode(fqn: str, path: Path, chunk: ChunkLocation, raw: bytes | bytearray) -> torch.Tensor:
+def decode_item(fqn: str, path: Path, chunk: ChunkLocation, raw: bytes | bytearray | memoryview) -> torch.Tensor:
+    """Decode one chunk's item bytes with `torch.load(weights_only=True)` (records not readable in place).
+
+    Raises:
+        CheckpointFormatError: the bytes do not decode to a tensor of the chunk's shape.
+    """
     try:
         part = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -176,7 +181,7 @@ def read_chunk(meta: StepMetadata, fqn: str, index: int, counter: ByteCounter | 
         if record is None:
             if counter is not None:
                 counter.note(PATH_TORCH_LOAD)
-            return _decode(fqn, path, chunk, raw)
+            return decode_item(fqn, path, chunk, raw)
         if counter is not None:
             counter.note(PATH_DIRECT)
         data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
@@ -197,7 +202,7 @@ def read_chunk(meta: StepMetadata, fqn: str, index: int, counter: ByteCounter | 
     if counter is not None:
         counter.add(chunk.length)
         counter.note(PATH_TORCH_LOAD)
-    return _decode(fqn, path, chunk, raw)
+    return decode_item(fqn, path, chunk, raw)
 
 
 def read_tensor(meta: StepMetadata, fqn: str, counter: ByteCounter | None = None) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Stream model tensors out of a step as row pieces, read ahead on one thread into a few reusable buffers.
+"""Stream model tensors out of a step as row pieces, read ahead by two threads into a few reusable buffers.
 
 The export's memory then stays flat in the model's size: a piece is at most `piece_bytes` of whole rows
 (dim 0) of one tensor, read with one large `pread` straight from the shard into a pooled buffer (no
-intermediate copy, no fresh allocation to page-fault in), while the caller casts and writes the piece before.
+intermediate copy, no fresh allocation to page-fault in), while the caller casts and writes the pieces before.
+Small items (up to `dcp_read.SMALL_ITEM_BYTES`) are read whole, headers included, in one `pread`.
 Chunks that cannot be read in place (see `dcp_read`), and tensor sources other than a DCP step (any object
 with `model` and `read(key, counter)`, e.g. `layouts.folder_read.WeightsFolder`), are read whole and handed
 out in row slices.
@@ -115,8 +116,9 @@ def _split(source, fqn: str, bounds: list[int], piece_bytes: int) -> list[PieceR
     for first, last in zip(bounds, bounds[1:]):
         chunk = _chunk_for(source, fqn, first, last)
         small = chunk is not None and entry.chunks[chunk].length <= dcp_read.SMALL_ITEM_BYTES
-        for start in range(first, last, (last - first) if small else step):
-            stop = min(last, start + step)
+        size = last - first if small else step  # a small item is read whole anyway: one piece
+        for start in range(first, last, size):
+            stop = min(last, start + size)
             requests.append(PieceRequest(fqn, start, stop, _chunk_for(source, fqn, start, stop)))
     return requests
 
@@ -253,13 +255,10 @@ class _Reader:
         try:
             if isinstance(source, dcp_read.StepMetadata) and request.chunk is not None:
                 if entry.chunks[request.chunk].length <= dcp_read.SMALL_ITEM_BYTES:
-                    piece = self._fill_small(request, slot, entry)
-                    if piece is not None:
-                        return piece
-                else:
-                    record = dcp_read.chunk_record(source, request.fqn, request.chunk, self.counter)
-                    if record is not None and record.is_dense_rows:
-                        return self._fill_direct(request, slot, entry, record)
+                    return self._fill_small(request, slot, entry)
+                record = dcp_read.chunk_record(source, request.fqn, request.chunk, self.counter)
+                if record is not None and record.is_dense_rows:
+                    return self._fill_direct(request, slot, entry, record)
             with self._lock:  # read whole once, handed out in row slices
                 if self.whole is None or self.whole[0] != request.fqn:
                     self.whole = None
@@ -271,27 +270,30 @@ class _Reader:
         finally:
             self.stats.read_io += time.perf_counter() - start
 
-    def _fill_small(self, request: PieceRequest, slot: int, entry) -> Piece | None:
-        """A small item read whole (one pread, no separate header reads); None if it is not readable in place."""
+    def _fill_small(self, request: PieceRequest, slot: int, entry) -> Piece:
+        """A small item read whole with one pread (no separate header reads), viewed in place or decoded."""
         chunk = entry.chunks[request.chunk]
+        path = self.source.step_dir / chunk.relative_path
         buf = self._buffer(slot, chunk.length)
         view = memoryview(buf)[:chunk.length]
-        dcp_read.pread_into(self._fd(chunk.relative_path), self.source.step_dir / chunk.relative_path, view,
-                            chunk.file_offset)
+        dcp_read.pread_into(self._fd(chunk.relative_path), path, view, chunk.file_offset)
+        record = dcp_read.chunk_record(self.source, request.fqn, request.chunk, self.counter, item=view)
+        if record is not None:
+            data = torch.frombuffer(buf, dtype=torch.uint8, count=chunk.length) if chunk.length else \
+                torch.empty(0, dtype=torch.uint8)
+            tensor = dcp_read.view_record(data[record.data_offset:record.data_offset + record.nbytes], record)
+            how = dcp_read.PATH_DIRECT
+        else:
+            tensor = dcp_read.decode_item(request.fqn, path, chunk, view)
+            how = dcp_read.PATH_TORCH_LOAD
         if self.counter is not None:
             self.counter.add(chunk.length)
-        record = dcp_read.chunk_record(self.source, request.fqn, request.chunk, self.counter, item=view)
-        if record is None or not record.is_dense_rows:
-            return None  # the caller reads it whole (counted again: only for records we do not understand)
-        if self.counter is not None and (request.fqn, request.chunk) not in self.noted:
-            self.noted.add((request.fqn, request.chunk))
-            self.counter.note(dcp_read.PATH_DIRECT)
-        data = torch.frombuffer(buf, dtype=torch.uint8, count=chunk.length) if chunk.length else \
-            torch.empty(0, dtype=torch.uint8)
-        tensor = dcp_read.view_record(data[record.data_offset:record.data_offset + record.nbytes], record)
+            if (request.fqn, request.chunk) not in self.noted:
+                self.noted.add((request.fqn, request.chunk))
+                self.counter.note(how)
         if tensor.dim():
             tensor = tensor[request.row_start - chunk.row_start:request.row_stop - chunk.row_start]
-        return Piece(request.fqn, request.row_start, tensor, dcp_read.PATH_DIRECT)
+        return Piece(request.fqn, request.row_start, tensor, how)
 
     def _fill_direct(self, request: PieceRequest, slot: int, entry, record) -> Piece:
         chunk = entry.chunks[request.chunk]

@@ -5,8 +5,8 @@ way TorchTitan saves it (model FQNs, then the flattened AdamW state, scheduler, 
 one `dcp.save` so one `.metadata`), then times in the same run, alternating A B C A B C:
 
   A  the export (`python -m molgen_export ... --skip-logits`), as a subprocess;
-  B  a plain streaming read-cast-write of the same model bytes (one thread, 64 MB reads, reused buffers,
-     one output file, fsync), as a subprocess: the reference for "disk speed";
+  B  a plain streaming read-cast-write of the same model bytes (one thread, 64 MB reads with the next block
+     hinted to the kernel, reused buffers, one output file, fsync), as a subprocess: "disk speed";
   C  `cp -r` of the step folder (no sync: the kernel may still hold dirty pages when it returns).
 
 The page cache is dropped before each run when permitted. Peak RSS comes from `os.wait4`. With --verify, one
@@ -212,11 +212,15 @@ cast_buf = torch.empty(piece, dtype=torch.uint8)
 fds = {}
 with open(target, "wb") as out:
     for path, offset, length, src_dtype in plan:
-        fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
+        fd = fds.get(path)
+        if fd is None:
+            fd = fds[path] = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         src_dtype = getattr(torch, src_dtype)
         done = 0
         while done < length:
             n = min(piece, length - done)
+            os.posix_fadvise(fd, offset + done + n, piece, os.POSIX_FADV_WILLNEED)  # the next block, while we work
             view = memoryview(read_buf)[:n]
             got = 0
             while got < n:

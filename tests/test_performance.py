@@ -100,7 +100,7 @@ def test_read_paths_agree(demo_run):
     for fqn, entry in meta.model.items():
         chunk = entry.chunks[0]
         raw = dcp_read._read_range(step / chunk.relative_path, chunk.file_offset, chunk.length)
-        expected = dcp_read._decode(fqn, step / chunk.relative_path, chunk, raw)
+        expected = dcp_read.decode_item(fqn, step / chunk.relative_path, chunk, raw)
         assert torch.equal(dcp_read.read_tensor(meta, fqn, direct), expected)
         assert torch.equal(dcp_read.read_tensor(transformed, fqn, through_dcp), expected)
         if entry.shape and entry.shape[0] > 3:
@@ -119,6 +119,7 @@ def test_unrecognised_records_fall_back_to_torch_load(demo_run, tmp_path, monkey
     monkeypatch.setattr(dcp_read, "locate_tensor", not_understood)
     report = export_step(step, ExportOptions(output=tmp_path / "b", skip_logits=True))
     assert report.read_paths == {"torch.load": report.tensors}
+    assert report.bytes_read <= 1.05 * report.model_bytes  # each item still read once
     assert (Path(report.output_dir) / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
 
 
@@ -154,6 +155,9 @@ def test_pieces_reassemble_exactly_with_bounded_buffers(tmp_path):
     assert torch.equal(torch.cat(got["t"]), state["t"])  # not row-major: read whole, handed out in rows
     assert torch.equal(torch.cat(got["n"]), state["n"])
     assert len(buffers) <= 3 and all(len(b) <= piece_bytes for b in buffers.values())
+    # a small item (read whole) with more rows than fit a piece comes out complete too
+    small = dcp_stream.plan_requests(meta, ["n"], piece_bytes=64)
+    assert [(r.row_start, r.row_stop) for (r,) in small] == [(0, 300)]
     assert counter.bytes <= 1.05 * meta.model_bytes
 
 
