@@ -36,6 +36,7 @@ examples:
   python -m molgen_export --dcp-path outputs/checkpoint --steps 100-500 --dtype bfloat16
   python -m molgen_export --dcp-path outputs/checkpoint --dry-run
   python -m molgen_export --dcp-path outputs/checkpoint/step-20/__0_0.distcp --output /data/hf --json
+  torchrun --nproc-per-node 4 -m molgen_export --dcp-path outputs/checkpoint/step-1800 --distributed
   python -m molgen_export demo --workdir /tmp/molgen-demo
 
 exit codes: 0 every requested step exported (or already was); 1 a step failed its checks or the logit
@@ -86,6 +87,8 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="re-export steps already exported from the same source")
     parser.add_argument("--dry-run", action="store_true", help="read metadata and configs only; print the plan")
     parser.add_argument("--json", action="store_true", help="print the reports as JSON")
+    parser.add_argument("--distributed", action="store_true",
+                        help="run under torchrun: the ranks split the output shards, rank 0 verifies and publishes")
     add_verbosity(parser)
     add_export_options(parser)
     return parser
@@ -185,6 +188,8 @@ def _exit_code_for(exc: BaseException) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from molgen_export import discover, export
 
+    if args.distributed:
+        return _run_distributed(args)
     options = options_from_args(args, dry_run=False)
     checkpoint_root, steps = discover.resolve_checkpoint_root(args.dcp_path)
     single = len(steps) == 1 and (args.dcp_path.is_file() or discover.step_number(args.dcp_path) is not None)
@@ -242,6 +247,37 @@ def run_export(args: argparse.Namespace) -> int:
             tally[r.status] = tally.get(r.status, 0) + 1
         print("total: " + ", ".join(f"{n} {s}" for s, n in sorted(tally.items())))
     return code
+
+
+def _run_distributed(args: argparse.Namespace) -> int:
+    """`--distributed`: every rank exports each selected step together; rank 0 prints."""
+    from molgen_export import discover
+    from molgen_export.export_distributed import ensure_process_group, export_step_distributed
+
+    if args.dry_run:
+        raise UsageError("--dry-run reads no data; run it without --distributed")
+    started_group = ensure_process_group()
+    import torch.distributed as dist
+
+    try:
+        options = options_from_args(args, dry_run=False)
+        _, steps = discover.resolve_checkpoint_root(args.dcp_path)
+        reports = []
+        for info in select_steps(steps, args.steps):
+            if not info.complete:
+                if dist.get_rank() == 0:
+                    print(f"{info.step_dir.name}  in progress (no .metadata yet), skipped", file=sys.stderr)
+                continue
+            report = export_step_distributed(info.step_dir, options)
+            reports.append(report)
+            if dist.get_rank() == 0 and not args.json:
+                print(summary_line(report))
+        if dist.get_rank() == 0 and args.json:
+            print(json.dumps([r.to_json() for r in reports], indent=2))
+        return EXIT_OK
+    finally:
+        if started_group:
+            dist.destroy_process_group()
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

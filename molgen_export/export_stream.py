@@ -251,10 +251,34 @@ class WeightStreamer:
             has_head=True, equal=equal, max_diff=None if equal else max_diff, run_says_tied=run_says_tied)
         return outcome
 
+    def stream_known_tie(self, tie: bool) -> StreamOutcome:
+        """Stream `sources` with the tie already decided (see `decide_tie`): one rank of a distributed export,
+        whose `sources` hold only the tensors of its shards.
+
+        Returns:
+            The writer (not yet closed), the tie decision and the NaN/Inf counts.
+        """
+        try:
+            with torch_threads(1):
+                outcome = self._open(tie)
+                for key in ("tok_embeddings.weight", "lm_head.weight"):
+                    item = self.sources.get(key)
+                    if item is None or (tie and key == "lm_head.weight"):
+                        continue
+                    requests = dcp_stream.plan_requests(self.source, [item.checkpoint_key], self.piece_bytes)
+                    with closing(self._stream(requests)) as pieces:
+                        for (piece,) in pieces:
+                            self._emit(outcome, key, piece.row_start, piece.tensor)
+                self._stream_rest(outcome)
+        except BaseException:
+            if self._outcome is not None:
+                self._outcome.writer.abort()
+            raise
+        return outcome
+
     def _stream_rest(self, outcome: StreamOutcome) -> None:
-        skip = {self.sources["tok_embeddings.weight"].checkpoint_key}
-        if "lm_head.weight" in self.sources:
-            skip.add(self.sources["lm_head.weight"].checkpoint_key)
+        skip = {self.sources[key].checkpoint_key for key in ("tok_embeddings.weight", "lm_head.weight")
+                if key in self.sources}
         # training-only buffers (MoE expert bias) have no HF tensor: checked elsewhere, never streamed
         keys = [k for k in dcp_stream.disk_order(self.source, self.source.model)
                 if k not in skip and k in self.by_checkpoint_key]
@@ -274,6 +298,37 @@ class WeightStreamer:
                         value = naming.split_fused_qkv(piece.tensor, item.part, n_heads=n_heads,
                                                        n_kv_heads=n_kv_heads, head_dim=head_dim)
                         self._emit(outcome, item.titan_key, 0, value)
+
+
+def decide_tie(source, sources: dict[str, naming.TensorSource], run_says_tied: bool,
+               counter: dcp_read.ByteCounter | None = None,
+               piece_bytes: int = dcp_stream.DEFAULT_PIECE_BYTES) -> tuple[bool, checks.Finding]:
+    """Compare the head with the embedding piece by piece, writing nothing (the distributed export decides the
+    tie on rank 0 before the ranks plan their shards).
+
+    Returns:
+        Whether to write the model tied, and the tied-weights finding.
+    """
+    embed = sources["tok_embeddings.weight"]
+    head = sources.get("lm_head.weight")
+    if head is None:
+        return True, checks.tied_weights_finding(has_head=False, equal=True, max_diff=None,
+                                                 run_says_tied=run_says_tied)[0]
+    equal = tuple(source.model[embed.checkpoint_key].shape) == tuple(source.model[head.checkpoint_key].shape)
+    max_diff = 0.0
+    if equal:
+        pairs = dcp_stream.plan_pairs(source, embed.checkpoint_key, head.checkpoint_key, piece_bytes // 2)
+        with closing(dcp_stream.stream_pieces(source, pairs, counter, piece_bytes=piece_bytes)) as pieces:
+            for e, h in pieces:
+                if not bitwise_equal(e.tensor, h.tensor):
+                    equal = False
+                if run_says_tied and not equal:
+                    max_diff = max(max_diff, _max_abs_diff(e.tensor, h.tensor))
+                elif not equal:
+                    break
+    finding, _ = checks.tied_weights_finding(has_head=True, equal=equal, max_diff=None if equal else max_diff,
+                                             run_says_tied=run_says_tied)
+    return equal, finding
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
