@@ -368,10 +368,11 @@ class TitanWeights:
 
     def _whole(self, titan_key: str) -> torch.Tensor:
         item = self._canonical[titan_key]
-        if self._last is None or self._last[0] != item.checkpoint_key:  # a fused wqkv feeds three keys
+        last = self._last  # a fused wqkv feeds three keys; a local copy, as two threads may ask at once
+        if last is None or last[0] != item.checkpoint_key:
             self._last = None
-            self._last = (item.checkpoint_key, self.source.read(item.checkpoint_key, self.counter))
-        tensor = self._last[1]
+            last = self._last = (item.checkpoint_key, self.source.read(item.checkpoint_key, self.counter))
+        tensor = last[1]
         if item.part is not None:
             n_heads, n_kv_heads, head_dim = self.arch_heads
             tensor = naming.split_fused_qkv(tensor, item.part, n_heads=n_heads, n_kv_heads=n_kv_heads,

@@ -312,6 +312,37 @@ def run_export(step_dir: Path, out_root: Path, *, verify: bool, dtype: str | Non
     return result
 
 
+WARM = r"""
+import json, os, shutil, sys, time
+from pathlib import Path
+from molgen_export.config import ExportOptions
+from molgen_export.export import export_step
+step, out, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+export_step(step, ExportOptions(output=out / "warm-up", skip_logits=True, dtype=dtype))  # imports everything
+shutil.rmtree(out / "warm-up")
+os.sync()
+try:
+    open("/proc/sys/vm/drop_caches", "w").write("3\n")
+except OSError:
+    pass
+started = time.perf_counter()
+report = export_step(step, ExportOptions(output=out / "timed", skip_logits=True, dtype=dtype))
+print(json.dumps({"export_s": time.perf_counter() - started, "timings": report.timings}))
+"""
+
+
+def run_warm(step_dir: Path, out_root: Path, dtype: str) -> dict:
+    """One export in a process that already exported once (imports done): what a watcher pays per step."""
+    if out_root.exists():
+        shutil.rmtree(out_root)
+    result = run_measured([sys.executable, "-c", WARM, str(step_dir), str(out_root), dtype])
+    if result["returncode"] != 0:
+        raise SystemExit(f"warm export failed:\n{result['stderr']}")
+    result.update(json.loads(result.pop("stdout").strip().splitlines()[-1]))
+    shutil.rmtree(out_root)
+    return result
+
+
 def run_baseline(plan_file: Path, target: Path, dtype: str) -> dict:
     result = run_measured([sys.executable, "-c", BASELINE, str(plan_file), str(target), dtype])
     if result["returncode"] != 0:
@@ -345,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="rounds of A B C")
     parser.add_argument("--verify", action="store_true", help="also time one export with the logit check on")
     parser.add_argument("--no-cp", action="store_true", help="skip the cp -r runs")
+    parser.add_argument("--warm", action="store_true",
+                        help="also time an export in a process that already exported once (a watcher's cost)")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint afterwards")
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -368,12 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     log(f"step folder {step_bytes / 1e9:.2f} GB, model bytes {model_bytes / 1e9:.2f} GB; page cache "
         f"{'dropped before each run' if dropped else 'NOT dropped (not permitted)'}")
 
-    runs: dict[str, list[dict]] = {"export": [], "copy": [], "cp": []}
+    runs: dict[str, list[dict]] = {"export": [], "warm": [], "copy": [], "cp": []}
     for round_index in range(args.repeats):
         drop_caches()
         runs["export"].append(run_export(step_dir, workdir / "out-export", verify=False, dtype=args.export_dtype))
         log(f"round {round_index + 1}: export {runs['export'][-1]['wall_s']:.2f} s, "
             f"{runs['export'][-1]['peak_rss_mb']:.0f} MB")
+        if args.warm:
+            runs["warm"].append(run_warm(step_dir, workdir / "out-warm", args.export_dtype))
+            log(f"round {round_index + 1}: export in a warm process {runs['warm'][-1]['export_s']:.2f} s")
         drop_caches()
         runs["copy"].append(run_baseline(plan_file, workdir / "out-copy.bin", args.export_dtype))
         log(f"round {round_index + 1}: streaming copy {runs['copy'][-1]['wall_s']:.2f} s")
@@ -409,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         "copy_gb_per_s": model_bytes / copy_wall / 1e9,
         "cp_wall_s": cp_wall, "cp_walls": [r["wall_s"] for r in runs["cp"]],
         "ratio_vs_copy": export_wall / copy_wall,
+        "warm_export_s": median(runs["warm"], "export_s") if runs["warm"] else None,
+        "warm_exports_s": [r["export_s"] for r in runs["warm"]],
+        "warm_ratio_vs_copy": median(runs["warm"], "export_s") / copy_wall if runs["warm"] else None,
         "ratio_vs_cp": export_wall / cp_wall if cp_wall else None,
     }
     if verify_run is not None:
@@ -435,6 +474,9 @@ def markdown(s: dict) -> str:
              f"{s['export_peak_rss_mb']:.0f} MB | {s['copy_wall_s']:.2f} s ({s['copy_gb_per_s']:.2f} GB/s) | "
              + (f"{s['cp_wall_s']:.2f} s | " if s['cp_wall_s'] else "- | ")
              + f"{s['ratio_vs_copy']:.2f} | " + (f"{s['ratio_vs_cp']:.2f} |" if s['ratio_vs_cp'] else "- |")]
+    if s.get("warm_export_s"):
+        lines += ["", f"Export in a warm process (imports done, as in a watcher): {s['warm_export_s']:.2f} s, "
+                      f"{s['warm_export_s'] / s['copy_wall_s']:.2f}x the streaming copy."]
     if "verify_wall_s" in s:
         lines += ["", "| flavor | export with logit check | peak RSS | verify_logits | verify / rest of export | "
                       "max abs logit diff | mode |", "|---|---|---|---|---|---|---|",
