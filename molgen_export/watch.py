@@ -29,6 +29,7 @@ from molgen_export.watch_hooks import ExportHooks
 from molgen_export.watch_queue import StepQueue
 from molgen_export.watch_state import StepOutcome, append_journal, export_root_for
 from molgen_export.watch_step import VANISHED_BEFORE_START, ExportAborted, StepExporter
+from molgen_export.write import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +74,6 @@ class WatchOptions:
                 raise UsageError(f"the polling interval must be positive, got {self.poll!r}", hint="use off for inotify")
         if self.retries < 0 or self.retry_backoff < 0 or self.grace < 0:
             raise UsageError("retries, retry_backoff and grace must not be negative")
-
-
-def process_alive(pid: int) -> bool:
-    """True while process `pid` runs (a zombie, ended but not yet reaped by its parent, counts as ended)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> bool:

@@ -212,17 +212,11 @@ def write_index(folder: Path, shards: list[Shard]) -> list[str]:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON deterministically (2-space indent, trailing newline) and fsync it."""
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        raise _output_error(exc, path) from exc
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write a UTF-8 text file and fsync it."""
     try:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text)
@@ -307,18 +301,22 @@ def clean_stale_temp_dirs(output_root: Path, final_name: str) -> int:
     for child in output_root.iterdir():
         if child.name.startswith(f"{TEMP_PREFIX}{final_name}.") and is_temp_name(child.name):
             pid_part = child.name.split(".tmp-")[-1].split("-")[0] if ".tmp-" in child.name else ""
-            if pid_part.isdigit() and _pid_alive(int(pid_part)) and int(pid_part) != os.getpid():
+            if pid_part.isdigit() and process_alive(int(pid_part)) and int(pid_part) != os.getpid():
                 continue
             remove_tree(child)
             removed += 1
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while process `pid` runs (a zombie, ended but not yet reaped by its parent, counts as ended)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
