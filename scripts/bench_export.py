@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
     if args.prepare:  # the child that imports torch: builds the checkpoint and the copy plan
         step_dir = build_checkpoint(workdir, args.flavor, model_only=args.model_only, dtype_name=args.dtype)
         plan, model_bytes = copy_plan(step_dir)
@@ -432,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         "export_dtype": args.export_dtype, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {os.cpu_count()} CPUs, "
                    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
-        "loadavg_before": os.getloadavg(), "page_cache_dropped": dropped, "repeats": args.repeats,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "page_cache_dropped": dropped,
+        "repeats": args.repeats,
         "step_bytes": step_bytes, "model_bytes": model_bytes, "bytes_read": last["bytes_read"],
         "read_ratio": last["bytes_read"] / model_bytes, "read_paths": last["read_paths"],
         "output_bytes": last["output_bytes"],
