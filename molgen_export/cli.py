@@ -46,25 +46,32 @@ subcommands: """ + ", ".join(SUBCOMMANDS)
 
 def add_export_options(parser: argparse.ArgumentParser) -> None:
     """The options every exporting command shares (CLI, watcher)."""
-    from molgen_export.config import EXPORT_DTYPES, LAYOUTS
+    from molgen_export.config import LAYOUTS
 
     group = parser.add_argument_group("export options")
     group.add_argument("--output", type=Path, help="export root: step-N-hf/ folders go under it "
                        "(default: <checkpoint_root>-hf/ beside the checkpoint folder)")
     group.add_argument("--layout", choices=LAYOUTS, default="sibling",
                        help="'beside' writes <step-dir>-hf inside the checkpoint folder (unsafe when TorchTitan purges)")
-    group.add_argument("--dtype", choices=EXPORT_DTYPES, help="export dtype (default: the run's compute dtype)")
     group.add_argument("--config", type=Path, help="run config (job_config.json) to use instead of searching")
     group.add_argument("--hf-assets", type=Path, help="base assets folder overriding the run's hf_assets_path")
+    add_write_and_verify_options(group, dtype_help="export dtype (default: the run's compute dtype)")
+    group.add_argument("--allow-expert-bias-drop", action="store_true",
+                       help="export a Qwen3 MoE whose load-balancing expert bias is non-zero (routing will differ; "
+                            "recorded as a warning)")
+
+
+def add_write_and_verify_options(group, *, dtype_help: str) -> None:
+    """Flags every command that writes an HF folder shares: dtype, shard size, and the logit check."""
+    from molgen_export.config import EXPORT_DTYPES
+
+    group.add_argument("--dtype", choices=EXPORT_DTYPES, help=dtype_help)
     group.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     group.add_argument("--skip-logits", action="store_true", help="skip the TorchTitan-vs-HF logit comparison")
     group.add_argument("--logits-atol", type=float, default=1e-3,
                        help="accepted max|logit difference| relative to max|logit| (default 1e-3)")
     group.add_argument("--device", default="cpu", help="device for the logit comparison (cpu or cuda)")
     group.add_argument("--threads", type=int, help="torch threads for the export")
-    group.add_argument("--allow-expert-bias-drop", action="store_true",
-                       help="export a Qwen3 MoE whose load-balancing expert bias is non-zero (routing will differ; "
-                            "recorded as a warning)")
 
 
 def options_from_args(args: argparse.Namespace, **overrides):

@@ -357,19 +357,13 @@ def run_import_hf(args: argparse.Namespace) -> int:
 
 
 def add_export_titan_arguments(parser: argparse.ArgumentParser) -> None:
-    from molgen_export.cli import add_verbosity
+    from molgen_export.cli import add_verbosity, add_write_and_verify_options
 
     parser.add_argument("titan_dir", type=Path, metavar="TITAN_DIR", help="folder of TorchTitan-named safetensors")
     parser.add_argument("--output", type=Path, required=True, help="the HF folder to create")
     parser.add_argument("--hf-assets", type=Path, help="HF assets: Qwen3 config.json and tokenizer")
     parser.add_argument("--config", type=Path, help="the run's job_config.json (instead of deriving from --hf-assets)")
-    parser.add_argument("--dtype", choices=EXPORT_DTYPES, help="export dtype (default: the stored dtype)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--skip-logits", action="store_true", help="skip the TorchTitan-vs-HF logit comparison")
-    parser.add_argument("--logits-atol", type=float, default=1e-3,
-                        help="accepted max|logit difference| relative to max|logit| (default 1e-3)")
-    parser.add_argument("--device", default="cpu", help="device for the logit comparison (cpu or cuda)")
-    parser.add_argument("--threads", type=int, help="torch threads")
+    add_write_and_verify_options(parser, dtype_help="export dtype (default: the stored dtype)")
     parser.add_argument("--dry-run", action="store_true", help="plan and check from headers only; write nothing")
     parser.add_argument("--force", action="store_true", help="replace --output if it exists")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
