@@ -37,6 +37,8 @@ class ExportReport:
     step_dir: str
     output_dir: str
     written: bool = False
+    source_format: str = "TorchTitan DCP checkpoint"
+    """What the weights were read from (the model card says it)."""
     status: str = "planned"
     """`exported`, `planned` (dry run), `skipped` (already exported from the same source) or `failed`."""
     source_fingerprint: str = ""
@@ -471,6 +473,12 @@ def finish_export(plan: _Plan, options: ExportOptions, report: ExportReport, tim
     report.files += ["README.md", REPORT_FILE]
 
 
+def _provenance(report: ExportReport) -> str:
+    parts = ([f"step {report.step}"] if report.step >= 0 else []) + (
+        [f"source fingerprint `{report.source_fingerprint[:16]}`"] if report.source_fingerprint else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def model_card(report: ExportReport) -> str:
     """A README.md for the export: where it came from, what was checked, how well it matches."""
     lines = [
@@ -480,8 +488,8 @@ def model_card(report: ExportReport) -> str:
         "---",
         f"# {Path(report.step_dir).parent.parent.name or 'run'} / {Path(report.step_dir).name}",
         "",
-        f"Exported by molgen_export {report.versions.get('molgen-export', '?')} from the TorchTitan DCP checkpoint "
-        f"`{report.step_dir}` (step {report.step}, source fingerprint `{report.source_fingerprint[:16]}`).",
+        f"Exported by molgen_export {report.versions.get('molgen-export', '?')} from the {report.source_format} "
+        f"`{report.step_dir}`{_provenance(report)}.",
         "",
         f"- dtype: checkpoint {report.checkpoint_dtype} -> export {report.export_dtype}",
         f"- tied embeddings: {report.tied}",

@@ -305,7 +305,8 @@ def export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> e
         raise UsageError("export-titan needs the HF assets (config.json and tokenizer) of the model",
                          hint="pass --hf-assets DIR, or --config with the run's job_config.json")
     step = discover.step_number(source.step_dir)
-    report = export.ExportReport(step=step if step is not None else -1, step_dir=str(source.step_dir),
+    report = export.ExportReport(source_format="TorchTitan-named safetensors",
+                                 step=step if step is not None else -1, step_dir=str(source.step_dir),
                                  output_dir=str(output_dir), versions=export.versions())
     report.source_fingerprint = source.fingerprint()
     timer = export._Timer(report.timings)
