@@ -197,6 +197,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.distributed:
         return _run_distributed(args)
+    if sys.stderr.isatty() and not args.quiet and not args.json:
+        _show_progress()
     options = options_from_args(args, dry_run=False)
     checkpoint_root, steps = discover.resolve_checkpoint_root(args.dcp_path)
     single = len(steps) == 1 and (args.dcp_path.is_file() or discover.step_number(args.dcp_path) is not None)
@@ -254,6 +256,16 @@ def run_export(args: argparse.Namespace) -> int:
             tally[r.status] = tally.get(r.status, 0) + 1
         print("total: " + ", ".join(f"{n} {s}" for s, n in sorted(tally.items())))
     return code
+
+
+def _show_progress() -> None:
+    """A tqdm bar per export on a terminal (reading, casting and writing the weights)."""
+    from tqdm import tqdm
+
+    from molgen_export import export_stream
+
+    export_stream.progress_factory = lambda total, label: tqdm(total=total, desc=label, unit="B", unit_scale=True,
+                                                               leave=False, file=sys.stderr)
 
 
 def _run_distributed(args: argparse.Namespace) -> int:

@@ -29,6 +29,10 @@ from molgen_export import checks, dcp_read, dcp_stream, naming, write
 
 logger = logging.getLogger(__name__)
 
+progress_factory: Callable[[int, str], object] | None = None
+"""Set by the CLI when it writes to a terminal: `factory(total_bytes, label)` makes a progress bar (`total`, `update(n)`,
+`close()`, as tqdm's) for each stream. None (the default, and for the library, the watcher and pipes): no bar."""
+
 CAST_BYTES = 32 << 20
 """Size of the reusable buffer a piece is cast into (a piece is cast in blocks of whole rows)."""
 
@@ -132,9 +136,15 @@ class WeightStreamer:
         """Time spent by the caller screening for NaN/Inf, writing, and comparing head with embedding."""
         self._buffers: dict[int, bytearray] = {}
         self._outcome: StreamOutcome | None = None
+        self._bar = None
         self.by_checkpoint_key: dict[str, list[naming.TensorSource]] = {}
         for item in sources.values():
             self.by_checkpoint_key.setdefault(item.checkpoint_key, []).append(item)
+
+    def _start_bar(self) -> None:
+        if progress_factory is not None:
+            total = sum(math.prod(item.shape) for key, item in self.sources.items()) * self.dtype.itemsize
+            self._bar = progress_factory(total, getattr(self.source, "label", "export"))
 
     def planned(self, tie: bool) -> list[write.PlannedTensor]:
         """The tensors the files hold for this tie decision."""
@@ -163,6 +173,8 @@ class WeightStreamer:
             writer.write_part(hf_key, (row_start + offset) * row_bytes, block)
             self.seconds["screen"] += screened - began
             self.seconds["write"] += time.perf_counter() - screened
+            if self._bar is not None:
+                self._bar.update(block.numel() * block.element_size())
 
     def _open(self, tie: bool) -> StreamOutcome:
         """A fresh writer for this tie decision (the one open before, if any, is discarded with its files)."""
@@ -184,9 +196,12 @@ class WeightStreamer:
         Raises:
             Whatever reading, `after_tie` or writing raises; the writer is aborted first.
         """
+        self._start_bar()
         try:
             with torch_threads(1):
                 outcome = self._stream_embedding_and_head(run_says_tied)
+                if self._bar is not None and outcome.tie and "lm_head.weight" in self.sources:
+                    self._bar.total -= math.prod(self.sources["lm_head.weight"].shape) * self.dtype.itemsize
                 if after_tie is not None:
                     after_tie(outcome)
                 self._stream_rest(outcome)
@@ -194,6 +209,10 @@ class WeightStreamer:
             if self._outcome is not None:
                 self._outcome.writer.abort()
             raise
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         logger.info("streamed %d pieces: readers %.2f s in reads; caller %.2f s waiting for data, %.2f s casting, "
                     "%.2f s screening, %.2f s writing, %.2f s comparing head and embedding", self.stats.pieces,
                     self.stats.read_io, self.stats.consumer_waiting, self.caster.seconds, self.seconds["screen"],
@@ -258,6 +277,7 @@ class WeightStreamer:
         Returns:
             The writer (not yet closed), the tie decision and the NaN/Inf counts.
         """
+        self._start_bar()
         try:
             with torch_threads(1):
                 outcome = self._open(tie)
@@ -274,6 +294,10 @@ class WeightStreamer:
             if self._outcome is not None:
                 self._outcome.writer.abort()
             raise
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         return outcome
 
     def _stream_rest(self, outcome: StreamOutcome) -> None:
