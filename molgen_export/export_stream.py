@@ -141,10 +141,23 @@ class WeightStreamer:
         for item in sources.values():
             self.by_checkpoint_key.setdefault(item.checkpoint_key, []).append(item)
 
-    def _start_bar(self) -> None:
+    @contextmanager
+    def _streaming(self):
+        """One thread for casts, a progress bar when asked for, and the writer aborted if anything fails."""
         if progress_factory is not None:
-            total = sum(math.prod(item.shape) for key, item in self.sources.items()) * self.dtype.itemsize
+            total = sum(math.prod(item.shape) for item in self.sources.values()) * self.dtype.itemsize
             self._bar = progress_factory(total, getattr(self.source, "label", "export"))
+        try:
+            with torch_threads(1):
+                yield
+        except BaseException:
+            if self._outcome is not None:
+                self._outcome.writer.abort()
+            raise
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
 
     def planned(self, tie: bool) -> list[write.PlannedTensor]:
         """The tensors the files hold for this tie decision."""
@@ -196,23 +209,13 @@ class WeightStreamer:
         Raises:
             Whatever reading, `after_tie` or writing raises; the writer is aborted first.
         """
-        self._start_bar()
-        try:
-            with torch_threads(1):
-                outcome = self._stream_embedding_and_head(run_says_tied)
-                if self._bar is not None and outcome.tie and "lm_head.weight" in self.sources:
-                    self._bar.total -= math.prod(self.sources["lm_head.weight"].shape) * self.dtype.itemsize
-                if after_tie is not None:
-                    after_tie(outcome)
-                self._stream_rest(outcome)
-        except BaseException:
-            if self._outcome is not None:
-                self._outcome.writer.abort()
-            raise
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
+        with self._streaming():
+            outcome = self._stream_embedding_and_head(run_says_tied)
+            if self._bar is not None and outcome.tie and "lm_head.weight" in self.sources:
+                self._bar.total -= math.prod(self.sources["lm_head.weight"].shape) * self.dtype.itemsize
+            if after_tie is not None:
+                after_tie(outcome)
+            self._stream_rest(outcome)
         logger.info("streamed %d pieces: readers %.2f s in reads; caller %.2f s waiting for data, %.2f s casting, "
                     "%.2f s screening, %.2f s writing, %.2f s comparing head and embedding", self.stats.pieces,
                     self.stats.read_io, self.stats.consumer_waiting, self.caster.seconds, self.seconds["screen"],
@@ -277,27 +280,17 @@ class WeightStreamer:
         Returns:
             The writer (not yet closed), the tie decision and the NaN/Inf counts.
         """
-        self._start_bar()
-        try:
-            with torch_threads(1):
-                outcome = self._open(tie)
-                for key in ("tok_embeddings.weight", "lm_head.weight"):
-                    item = self.sources.get(key)
-                    if item is None or (tie and key == "lm_head.weight"):
-                        continue
-                    requests = dcp_stream.plan_requests(self.source, [item.checkpoint_key], self.piece_bytes)
-                    with closing(self._stream(requests)) as pieces:
-                        for (piece,) in pieces:
-                            self._emit(outcome, key, piece.row_start, piece.tensor)
-                self._stream_rest(outcome)
-        except BaseException:
-            if self._outcome is not None:
-                self._outcome.writer.abort()
-            raise
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
+        with self._streaming():
+            outcome = self._open(tie)
+            for key in ("tok_embeddings.weight", "lm_head.weight"):
+                item = self.sources.get(key)
+                if item is None or (tie and key == "lm_head.weight"):
+                    continue
+                requests = dcp_stream.plan_requests(self.source, [item.checkpoint_key], self.piece_bytes)
+                with closing(self._stream(requests)) as pieces:
+                    for (piece,) in pieces:
+                        self._emit(outcome, key, piece.row_start, piece.tensor)
+            self._stream_rest(outcome)
         return outcome
 
     def _stream_rest(self, outcome: StreamOutcome) -> None:

@@ -21,20 +21,11 @@ from molgen_export.config import ExportOptions
 from molgen_export.watch import Watcher, WatchOptions
 from molgen_export.watch_fs import filesystem_type, is_network_filesystem, polling_interval, step_dir_for_event
 from molgen_export.watch_state import failure_record_path, read_journal
+from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ExportOptions(skip_logits=True, threads=1)
 QUIET = dict(nice=0, rescan=0, retry_backoff=0.1)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def exported_counts(export_root: Path) -> dict[int, int]:

@@ -22,6 +22,7 @@ from molgen_export import export
 from molgen_export.config import ExportOptions
 from molgen_export.watch import Watcher, WatchOptions
 from molgen_export.watch_state import JOURNAL_FILE, export_root_for, read_journal
+from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 WRITER = REPO / "tests" / "helpers" / "step_writer.py"
@@ -57,16 +58,6 @@ def watch_argv(checkpoint_root: Path, *extra: str) -> list[str]:
 def writer_argv(checkpoint_root: Path, run, steps: str, gap: float) -> list[str]:
     return [str(WRITER), str(checkpoint_root), "--steps", steps, "--gap", str(gap),
             "--vocab-size", str(run.arch.vocab_size), *([] if run.arch.tie_word_embeddings else ["--untied"])]
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def finish(process: subprocess.Popen, timeout: float, log: Path) -> int:
