@@ -73,6 +73,8 @@ class Qwen3Arch:
     tie_word_embeddings: bool
     """What the run config asked for; the export may still untie (see checks.check_tied_weights)."""
     moe: MoeArch | None = None
+    rope_scaling: dict | None = None
+    """HF `rope_scaling` (`rope_type` and its parameters) for a scaled RoPE; None for plain RoPE."""
 
     def titan_model_config(self, *, tie: bool | None = None, fused_qkv: bool = False):
         """A torchtitan `Qwen3Model.Config` of this architecture, with causal SDPA attention for one-process use."""

@@ -167,17 +167,23 @@ def save_dcp(state: dict, step_dir: Path) -> None:
 
 
 def job_config_dict(arch: Qwen3Arch, *, flavor: str, hf_assets_path: str, dump_folder: str, seq_len: int,
-                    checkpoint_folder: str = "checkpoint", keep_latest_k: int = 10) -> dict:
-    """A TorchTitan 0.3 `Trainer.Config.to_dict()` dump for this architecture (built by torchtitan itself)."""
+                    checkpoint_folder: str = "checkpoint", keep_latest_k: int = 10, model=None,
+                    save_config_file: str | None = None) -> dict:
+    """A TorchTitan 0.3 `Trainer.Config.to_dict()` dump for this architecture (built by torchtitan itself).
+
+    Args:
+        model: a torchtitan model config to use instead of `arch`'s (tests set RoPE scaling, routing, ...).
+        save_config_file: `debug.save_config_file`, where TorchTitan writes this dump inside the dump folder.
+    """
     import warnings
 
     from torchtitan.components.checkpoint import CheckpointManager
-    from torchtitan.config import TrainingConfig
+    from torchtitan.config import DebugConfig, TrainingConfig
     from torchtitan.models.qwen3 import Qwen3StateDictAdapter, parallelize_qwen3
     from torchtitan.protocols.model_spec import ModelSpec
     from torchtitan.trainer import Trainer
 
-    spec = ModelSpec(name="qwen3", flavor=flavor, model=arch.titan_model_config(fused_qkv=True),
+    spec = ModelSpec(name="qwen3", flavor=flavor, model=model or arch.titan_model_config(fused_qkv=True),
                      parallelize_fn=parallelize_qwen3, pipelining_fn=None, post_optimizer_build_fn=None,
                      state_dict_adapter=Qwen3StateDictAdapter)
     with warnings.catch_warnings():
@@ -185,6 +191,7 @@ def job_config_dict(arch: Qwen3Arch, *, flavor: str, hf_assets_path: str, dump_f
         config = Trainer.Config(
             model_spec=spec, hf_assets_path=hf_assets_path, dump_folder=dump_folder,
             training=TrainingConfig(local_batch_size=4, seq_len=seq_len, steps=20),
+            debug=DebugConfig(save_config_file=save_config_file),
             checkpoint=CheckpointManager.Config(interval=10, folder=checkpoint_folder, keep_latest_k=keep_latest_k,
                                                 last_save_model_only=False, initial_load_model_only=False))
     return json.loads(json.dumps(config.to_dict(), default=repr))

@@ -6,6 +6,7 @@ discover -> run config -> read metadata -> map names -> check -> stream tensors 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from molgen_export import (architecture, checks, dcp_read, discover, export_stream, fidelity, hf_model, naming,
-                           run_config, write)
+                           probe, reference, run_config, write)
 from molgen_export.config import ExportOptions
 from molgen_export.errors import ConfigError, MolgenExportError, OutputError, StepLockedError, VerificationError
 
@@ -42,6 +43,10 @@ class ExportReport:
     status: str = "planned"
     """`exported`, `planned` (dry run), `skipped` (already exported from the same source) or `failed`."""
     source_fingerprint: str = ""
+    output_inputs: dict = field(default_factory=dict)
+    """What decides the bytes of this export (`export.output_inputs`): an export is skipped only when all match."""
+    replaced: list[str] = field(default_factory=list)
+    """Why an earlier export of this step was replaced: the `output_inputs` that changed (or `--force`)."""
     run_config: dict = field(default_factory=dict)
     hf_assets: str = ""
     hf_assets_overridden: bool = False
@@ -63,6 +68,9 @@ class ExportReport:
     files: list[str] = field(default_factory=list)
     key_rules: dict[str, int] = field(default_factory=dict)
     architecture: dict = field(default_factory=dict)
+    reference: dict = field(default_factory=dict)
+    """What the verifier's TorchTitan model was built from, and how many run-config fields were mapped, required
+    or irrelevant (see `reference.RULES`)."""
     findings: list[dict] = field(default_factory=list)
     fidelity: dict | None = None
     warnings: list[str] = field(default_factory=list)
@@ -111,25 +119,63 @@ def output_dir_for(step_dir: Path, options: ExportOptions) -> Path:
     return root.parent / f"{root.name}-hf" / name
 
 
+OUTPUT_FORMAT = "molgen_export.hf_export/2"
+"""Version of what an export folder holds; bumped when the same inputs would give other bytes."""
+
+
+def output_inputs(fingerprint: str, *, export_dtype: str, max_shard_bytes: int, assets: Path | None) -> dict:
+    """Everything that decides an export's bytes besides the code: the source, the options that change the files,
+    and the base assets' contents (config, generation config, tokenizer files)."""
+    asset_hashes = {}
+    if assets is not None:
+        for name in ("config.json", "generation_config.json", *hf_model.TOKENIZER_FILES):
+            path = assets / name
+            if path.is_file():
+                asset_hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"format": OUTPUT_FORMAT, "source_fingerprint": fingerprint, "export_dtype": export_dtype,
+            "max_shard_bytes": max_shard_bytes, "assets": asset_hashes}
+
+
+def _recorded(output_dir: Path) -> dict | None:
+    """The report of an existing export, or None (no folder, or not a molgen_export export)."""
+    try:
+        data = json.loads((output_dir / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _recorded_fingerprint(output_dir: Path) -> str | None:
     """The source fingerprint an existing export records, or None."""
-    try:
-        return json.loads((output_dir / REPORT_FILE).read_text()).get("source_fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (_recorded(output_dir) or {}).get("source_fingerprint")
+
+
+def _changed_inputs(recorded: dict | None, current: dict) -> list[str]:
+    """Which of `output_inputs` differ from what an existing export recorded (all, when it recorded none)."""
+    before = (recorded or {}).get("output_inputs")
+    if not isinstance(before, dict):
+        return ["format"]
+    changed = [key for key in current if key != "assets" and before.get(key) != current[key]]
+    old_assets, new_assets = before.get("assets") or {}, current["assets"]
+    changed += [f"assets/{name}" for name in sorted(set(old_assets) | set(new_assets))
+                if old_assets.get(name) != new_assets.get(name)]
+    return changed
 
 
 def export_state(step_dir: Path, options: ExportOptions) -> str:
-    """`exported` (same source), `stale` (an export from another save of this step) or `missing`."""
-    report_path = output_dir_for(step_dir, options) / REPORT_FILE
-    if not report_path.is_file():
+    """`exported` (same source and same options/assets), `stale` (an export that another save of this step, or
+    other options or assets, would not reproduce) or `missing`."""
+    output_dir = output_dir_for(step_dir, options)
+    recorded = _recorded(output_dir)
+    if recorded is None:
         return "missing"
     try:
-        recorded = json.loads(report_path.read_text()).get("source_fingerprint")
-        current = source_fingerprint(step_dir)
-    except (OSError, ValueError):
+        run = run_config.load_run_config(step_dir.parent, options.config)
+        current = output_inputs(source_fingerprint(step_dir), export_dtype=options.dtype or run.compute_dtype,
+                                max_shard_bytes=options.max_shard_bytes, assets=options.hf_assets or run.hf_assets_path)
+    except (OSError, ValueError, MolgenExportError):
         return "stale"
-    return "exported" if recorded == current else "stale"
+    return "stale" if _changed_inputs(recorded, current) else "exported"
 
 
 class _Timer:
@@ -189,6 +235,8 @@ class _Plan:
     tokenizer_size: int | None
     training_buffers: dict[str, str] = field(default_factory=dict)
     """MoE training-only buffers (canonical key -> checkpoint key): checked, never exported."""
+    reference: reference.Reference | None = None
+    """The verifier's TorchTitan model config, from the run's own model config."""
 
 
 def _plan(step_dir: Path, options: ExportOptions, report: ExportReport, timer: _Timer) -> _Plan:
@@ -216,7 +264,8 @@ def plan_source(meta, run: run_config.RunConfig, options: ExportOptions, report:
         assets = options.hf_assets or run.hf_assets_path
         report.hf_assets_overridden = options.hf_assets is not None
         if assets is None:
-            raise ConfigError(f"the run config {run.source} names no hf_assets_path (nor a tokenizer path)",
+            raise ConfigError(f"the run config {run.source} names no hf_assets_path (nor a tokenizer path), or names "
+                              "one relative to a launch directory that cannot be told from the file",
                               path=run.source, hint="pass the base assets folder with --hf-assets")
         if not assets.is_dir():
             raise ConfigError(f"the base assets folder {assets} (from {'--hf-assets' if options.hf_assets else run.source}) "
@@ -241,10 +290,14 @@ def plan_source(meta, run: run_config.RunConfig, options: ExportOptions, report:
                             for s in sources.values()}
         facts = architecture.facts_from_shapes(canonical_shapes)
         arch, warnings = architecture.resolve_architecture(run, facts, base_config)
+        fused = any(s.part is not None for s in sources.values())
+        ref = reference.build_reference(run, arch, checkpoint_fused_qkv=fused)
+        arch = dataclasses.replace(arch, rope_scaling=ref.rope_scaling)
         mapping = naming.map_to_hf(sources, arch.titan_model_config())
     report.key_rules = rules
     report.warnings.extend(warnings)
     report.architecture = asdict(arch)
+    report.reference = ref.summary()
     dtype_name = options.dtype or run.compute_dtype
     if dtype_name not in DTYPES:
         raise ConfigError(f"the run's dtype {dtype_name!r} is not an export dtype", hint="pass --dtype bfloat16")
@@ -260,7 +313,7 @@ def plan_source(meta, run: run_config.RunConfig, options: ExportOptions, report:
             f"{run.keep_latest_k}: TorchTitan counts `{meta.label}-hf` as a checkpoint (pattern step-(\\d+)), "
             "may delete it and may resume from it")
     return _Plan(meta, run, assets, sources, mapping, arch, base_config, DTYPES[dtype_name], tokenizer_files,
-                 tokenizer_size, buffers)
+                 tokenizer_size, buffers, ref)
 
 
 def _metadata_checks(plan: _Plan, tie: bool | None) -> list[checks.Finding]:
@@ -281,6 +334,14 @@ def _metadata_checks(plan: _Plan, tie: bool | None) -> list[checks.Finding]:
             "moe", True, f"{moe.num_experts} experts, top-{moe.top_k}, expert FFN {moe.moe_hidden_dim}, "
                          f"norm_topk_prob={moe.norm_topk_prob}, MoE layers {list(moe.moe_layers)}; "
                          f"{biases} expert-bias buffers (must be zero, checked when the data is read)"))
+    if plan.reference is not None:
+        counts = plan.reference.summary()["fields"]
+        rope = plan.reference.rope_scaling
+        found.append(checks.Finding(
+            "run_settings", True,
+            f"reference from {plan.reference.source}; "
+            + (", ".join(f"{n} {a}" for a, n in sorted(counts.items())) + " fields; " if counts else "")
+            + (f"RoPE {rope['rope_type']} factor {rope['factor']:g}" if rope else "plain RoPE")))
     if tie is None:  # metadata only: say what the data check will decide
         has_head = "lm_head.weight" in plan.sources
         found.append(checks.Finding(
@@ -336,15 +397,14 @@ def export_planned(plan: _Plan, options: ExportOptions, report: ExportReport, ti
                    started: float) -> ExportReport:
     """Stream, check, write, verify and publish a planned export into `output_dir` (under its lock).
 
-    Without `options.force`, an export already published from the same source (same fingerprint) is kept and
+    Without `options.force`, an export already published from the same source, options and assets is kept and
     the report says `skipped`: checked after taking the lock, so a process that waited behind another's export
     of this step does not redo it.
     """
     with step_lock(output_dir):
-        if not options.force and report.source_fingerprint and _recorded_fingerprint(output_dir) == report.source_fingerprint:
+        if already_exported(plan, options, report, output_dir):
             report.status = "skipped"
             report.timings["total"] = round(time.perf_counter() - started, 4)
-            logger.info("%s already exported from this checkpoint to %s", plan.meta.label, output_dir)
             return report
         write.clean_stale_temp_dirs(output_dir.parent, output_dir.name)
         temp_dir = write.make_temp_dir(output_dir.parent, output_dir.name)
@@ -361,6 +421,32 @@ def export_planned(plan: _Plan, options: ExportOptions, report: ExportReport, ti
             raise
     logger.info("%s exported to %s in %.2f s", plan.meta.label, output_dir, report.timings["total"])
     return report
+
+
+def already_exported(plan: _Plan, options: ExportOptions, report: ExportReport, output_dir: Path) -> bool:
+    """Whether `output_dir` already holds this export (same source, options and assets); call under the step lock.
+
+    Sets `report.output_inputs`, and `report.replaced` when an earlier export will be replaced.
+
+    Raises:
+        OutputError: `output_dir` exists but is not a molgen_export export, and `options.force` is not set.
+    """
+    report.output_inputs = output_inputs(report.source_fingerprint, export_dtype=report.export_dtype,
+                                         max_shard_bytes=options.max_shard_bytes, assets=plan.assets)
+    recorded = _recorded(output_dir)
+    if output_dir.exists() and recorded is None and not options.force:
+        raise OutputError(f"{output_dir} exists and is not a molgen_export export (no {REPORT_FILE}); "
+                          "refusing to replace what molgen_export did not write", path=output_dir,
+                          hint="move that folder away, or pass --force to replace it")
+    changed = ["--force"] if options.force and output_dir.exists() else _changed_inputs(recorded, report.output_inputs)
+    if recorded is not None and not changed:
+        logger.info("%s already exported from this checkpoint, with these options and assets, to %s",
+                    plan.meta.label, output_dir)
+        return True
+    if output_dir.exists():
+        report.replaced = changed
+        logger.info("%s: replacing the export in %s (changed: %s)", plan.meta.label, output_dir, ", ".join(changed))
+    return False
 
 
 def check_expert_bias(plan: _Plan, options: ExportOptions, report: ExportReport,
@@ -450,21 +536,41 @@ def finish_export(plan: _Plan, options: ExportOptions, report: ExportReport, tim
     else:
         with timer.stage("verify_logits"):
             verify_counter = dcp_read.ByteCounter()
-            titan = export_stream.TitanWeights(plan.meta, plan.sources, plan.export_dtype, heads, verify_counter)
+            fused = plan.reference is not None and plan.reference.fused_qkv
+            titan = export_stream.TitanWeights(plan.meta, plan.sources, plan.export_dtype, heads, verify_counter,
+                                               keep_fused=fused)
             limit = plan.tokenizer_size or plan.arch.vocab_size
             # MoE: expert outputs are summed in another order (grouped GEMMs vs per-expert loops), and a token whose
             # router scores nearly tie may pick another expert, so the limit is MOE_TOLERANCE_FACTOR times looser
             tolerance = options.logits_atol * (MOE_TOLERANCE_FACTOR if plan.arch.moe is not None else 1)
             result = fidelity.verify_export(plan.arch, titan, temp_dir, tie=tie,
                                             vocab_limit=min(limit, plan.arch.vocab_size),
-                                            tolerance=tolerance, device=options.device)
+                                            tolerance=tolerance, device=options.device,
+                                            reference=plan.reference.config if plan.reference else None)
             report.verify_bytes_read = verify_counter.bytes
             report.fidelity = result.to_json()
             where = f"; first divergence: {result.first_divergence}" if result.first_divergence else ""
+            routing = (f", same experts chosen for {result.routing_agreement:.4f} of tokens (worst MoE layer)"
+                       if result.routing_agreement is not None else "")
             findings.append(checks.Finding(
                 "logits", result.passed,
                 f"max|Δ| {result.max_abs_diff:.3g} (limit {result.tolerance:.3g}), mean|Δ| {result.mean_abs_diff:.3g}, "
-                f"top-1 agreement {result.top1_agreement:.4f} over {result.tokens} tokens ({result.mode}){where}"))
+                f"top-1 agreement {result.top1_agreement:.4f} over {result.tokens} tokens ({result.mode}){routing}"
+                f"{where}"))
+        if plan.reference is not None:
+            with timer.stage("verify_probe"):
+                whole = result.mode == "whole"
+                figures = probe.run_probe(plan, hf_config, tie=tie, tolerance=tolerance, whole=whole,
+                                          device=options.device)
+            report.fidelity["probe"] = figures
+            routing = (f", same experts {figures['routing_agreement']:.4f}"
+                       if figures["routing_agreement"] is not None else "")
+            findings.append(checks.Finding(
+                "mapping_probe", figures["passed"],
+                f"random weights (norms in [0.25, 2.5]) through the same mapping, layers {figures['layers']}, "
+                f"{figures['vocab']} vocab rows{', %d experts' % figures['experts'] if figures['experts'] else ''}: "
+                f"max|Δ| {figures['max_abs_diff']:.3g} (limit {figures['tolerance']:.3g}), "
+                f"top-1 {figures['top1_agreement']:.4f}{routing}"))
     report.findings = [f.to_json() for f in findings]
     checks.raise_on_failures(findings, plan.meta.label)
     report.hf_tensors = len(planned)

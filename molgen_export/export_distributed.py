@@ -78,8 +78,7 @@ def export_step_distributed(step_dir: Path, options: ExportOptions) -> export.Ex
         if rank == 0:
             try:
                 stack.enter_context(export.step_lock(output_dir))
-                recorded = export._recorded_fingerprint(output_dir)
-                if not options.force and recorded == report.source_fingerprint:
+                if export.already_exported(plan, options, report, output_dir):
                     decision = {"skip": True}
                 else:
                     write.clean_stale_temp_dirs(output_dir.parent, output_dir.name)

@@ -363,7 +363,7 @@ class TitanWeights:
 
     def __init__(self, source, sources: dict[str, naming.TensorSource], dtype: torch.dtype,
                  arch_heads: tuple[int, int, int], counter: dcp_read.ByteCounter | None = None,
-                 piece_bytes: int = 16 << 20):
+                 piece_bytes: int = 16 << 20, keep_fused: bool = False):
         self.source = source
         self.sources = sources
         self.dtype = dtype
@@ -377,7 +377,13 @@ class TitanWeights:
         self._canonical: dict[str, naming.TensorSource] = {}
         """Canonical TorchTitan key -> source; per-expert sources fold back into their grouped tensor."""
         for key, item in sources.items():
-            if item.expert is None:
+            if item.part is not None and keep_fused:
+                # the reference is built from the run's config, which fuses QKV as the checkpoint does: it takes
+                # the checkpoint's `wqkv` whole, never our split of it
+                fused_key = naming.canonical_titan_key(item.checkpoint_key)[0]
+                self._canonical[fused_key] = naming.TensorSource(fused_key, item.checkpoint_key,
+                                                                 tuple(source.model[item.checkpoint_key].shape))
+            elif item.expert is None:
                 self._canonical[key] = item
             elif item.grouped_key not in self._canonical:
                 self._canonical[item.grouped_key] = naming.TensorSource(item.grouped_key, item.checkpoint_key,

@@ -21,6 +21,10 @@ from molgen_export.errors import VerificationError
 
 logger = logging.getLogger(__name__)
 
+ROUTING_MIN_AGREEMENT = 0.9
+"""Least share of tokens, per MoE layer, that both sides must route to the same experts. Not 1: a token whose
+router scores nearly tie may go elsewhere after rounding; a permuted expert mapping gives about top_k / E."""
+
 PROMPT = "The quick brown fox jumps over the lazy dog. CC(=O)Oc1ccccc1C(=O)O"
 """One real prompt tokenized by the exported tokenizer, beside random ids, so tokenizer mistakes surface."""
 
@@ -45,6 +49,12 @@ class FidelityResult:
     """Layer-wise only: per stage (`embedding`, `layer N`) max|Δ| of the hidden states, their scale, pass/fail."""
     first_divergence: str | None = None
     """Layer-wise only: the first stage (or `logits`) beyond tolerance, None when all agree."""
+    routing: list[dict] = field(default_factory=list)
+    """MoE only: per MoE layer, the share of tokens both sides send to the same set of experts."""
+    routing_agreement: float | None = None
+    """MoE only: the lowest per-layer routing agreement."""
+    probe: dict | None = None
+    """The random-weight mapping probe's figures (see `probe.run_probe`)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,13 +84,26 @@ def _float32_grouped_experts(self, x_RD: torch.Tensor, num_tokens_per_expert_E: 
     return torch.cat(outputs).type_as(x_RD)
 
 
-def build_titan_model(arch: Qwen3Arch, titan_state: dict[str, torch.Tensor], *, tie: bool,
+def titan_config(model: Qwen3Arch | object, *, tie: bool):
+    """A torchtitan model config with the head tied or not: `model` is a torchtitan config (the verifier's
+    reference, from the run's own model config) or, for conversions with no run config, a `Qwen3Arch`."""
+    import dataclasses
+
+    if isinstance(model, Qwen3Arch):
+        return model.titan_model_config(tie=tie)
+    return dataclasses.replace(model, enable_weight_tying=tie)
+
+
+def build_titan_model(model: Qwen3Arch | object, titan_state: dict[str, torch.Tensor], *, tie: bool,
                       device: str = "cpu") -> torch.nn.Module:
     """The TorchTitan Qwen3 model with these weights, in float32.
 
+    Args:
+        model: the torchtitan model config (see `titan_config`), or a `Qwen3Arch`.
+
     `load_state_dict` is used (not copies into `state_dict()` tensors) so a fused QKV parameter would be updated.
     """
-    config = arch.titan_model_config(tie=tie)
+    config = titan_config(model, tie=tie)
     with torch.device("meta"):
         model = config.build()
     model.to_empty(device=device)
@@ -95,7 +118,7 @@ def build_titan_model(arch: Qwen3Arch, titan_state: dict[str, torch.Tensor], *, 
         if key.endswith("expert_bias_E") and key not in state:
             state[key] = torch.zeros_like(buffer)
     model.load_state_dict(state, strict=True)
-    if arch.moe is not None:
+    if any(getattr(layer, "moe", None) is not None for layer in config.layers):
         import types
 
         from torchtitan.models.common.moe import GroupedExperts
@@ -156,6 +179,67 @@ def compare_logits(titan_model: torch.nn.Module, hf_model: torch.nn.Module, toke
                           tokens=positions, sequences=sequences, device=device, passed=max_diff <= limit)
 
 
+class RoutingRecorder:
+    """Records, per MoE layer, the experts each side routes every token to, and their agreement.
+
+    TorchTitan's router returns `(scores, expert ids, all scores)`; HF's Qwen3-MoE gate returns
+    `(logits, scores, expert ids)` (transformers 5) or the logits alone (transformers 4: top-k of their softmax).
+    A mapping that permutes experts sends tokens elsewhere even when the logits happen to stay close.
+    """
+
+    def __init__(self, titan_model: torch.nn.Module, hf_model: torch.nn.Module):
+        from torchtitan.models.common.moe import TokenChoiceTopKRouter
+
+        self.titan_routers = [m for m in titan_model.modules() if isinstance(m, TokenChoiceTopKRouter)]
+        self.hf_gates = [m.gate for m in hf_model.modules() if type(m).__name__.endswith("SparseMoeBlock")]
+        self.picks: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] = ([], [])
+        self.layers: list[dict] = []
+        self._handles = []
+
+    def __enter__(self):
+        if len(self.titan_routers) != len(self.hf_gates):
+            raise VerificationError(f"the TorchTitan model has {len(self.titan_routers)} MoE layers, the exported HF "
+                                    f"model {len(self.hf_gates)}", hint="the export's mlp_only_layers are wrong")
+        for side, modules in ((0, self.titan_routers), (1, self.hf_gates)):
+            for index, module in enumerate(modules):
+                self.picks[side].append([])
+                self._handles.append(module.register_forward_hook(self._hook(side, index)))
+        return self
+
+    def _hook(self, side: int, index: int):
+        def record(module, args, output):
+            if side == 0:
+                ids = output[1]
+            elif isinstance(output, tuple):
+                ids = output[2]
+            else:
+                ids = torch.topk(torch.softmax(output.float(), dim=-1), module.top_k if hasattr(module, "top_k")
+                                 else self._top_k(), dim=-1).indices
+            self.picks[side][index].append(ids.reshape(-1, ids.shape[-1]).detach().cpu())
+        return record
+
+    def _top_k(self) -> int:
+        return self.titan_routers[0].top_k
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for index, (titan, hf) in enumerate(zip(*self.picks)):
+            t = torch.cat(titan).sort(dim=-1).values
+            h = torch.cat(hf).sort(dim=-1).values
+            same = (t == h).all(dim=-1) if t.shape == h.shape else torch.zeros(1, dtype=torch.bool)
+            self.layers.append({"moe_layer": index, "tokens": int(t.shape[0]),
+                                "same_experts": round(float(same.float().mean()), 6)})
+
+    def apply(self, result: FidelityResult, *, min_agreement: float = ROUTING_MIN_AGREEMENT) -> FidelityResult:
+        """The result with routing figures attached; failed when a layer's agreement is below `min_agreement`."""
+        worst = min(layer["same_experts"] for layer in self.layers)
+        import dataclasses
+
+        return dataclasses.replace(result, routing=self.layers, routing_agreement=worst,
+                                   passed=result.passed and worst >= min_agreement)
+
+
 def prompt_tokens(hf_dir: Path) -> torch.Tensor:
     """The fixed prompt tokenized by the exported tokenizer loaded through `AutoTokenizer`.
 
@@ -174,15 +258,18 @@ def prompt_tokens(hf_dir: Path) -> torch.Tensor:
 
 
 def verify_logits(arch: Qwen3Arch, titan_state: dict[str, torch.Tensor], hf_dir: Path, *, tie: bool,
-                  vocab_limit: int, tolerance: float, device: str = "cpu") -> FidelityResult:
+                  vocab_limit: int, tolerance: float, device: str = "cpu", reference=None) -> FidelityResult:
     """Build both models and compare them on 2 x 32 random ids plus one real tokenized prompt."""
-    titan_model = build_titan_model(arch, titan_state, tie=tie, device=device)
+    titan_model = build_titan_model(reference if reference is not None else arch, titan_state, tie=tie, device=device)
     hf_model = load_hf_model(hf_dir, device)
     batches = [fixed_token_batch(vocab_limit)]
     prompt = prompt_tokens(hf_dir)
     if prompt.numel() and int(prompt.max()) < arch.vocab_size:
         batches.append(prompt)
-    result = compare_logits(titan_model, hf_model, batches, vocab_limit, tolerance=tolerance, device=device)
+    with RoutingRecorder(titan_model, hf_model) as routing:
+        result = compare_logits(titan_model, hf_model, batches, vocab_limit, tolerance=tolerance, device=device)
+    if routing.layers:
+        result = routing.apply(result)
     logger.info("logits: max|Δ| %.3g mean|Δ| %.3g top-1 %.4f over %d tokens", result.max_abs_diff,
                 result.mean_abs_diff, result.top1_agreement, result.tokens)
     return result
@@ -219,7 +306,7 @@ def model_params(arch: Qwen3Arch) -> int:
 
 
 def verify_export(arch: Qwen3Arch, titan: TitanSource, hf_dir: Path, *, tie: bool, vocab_limit: int,
-                  tolerance: float, device: str = "cpu", mode: str = "auto") -> FidelityResult:
+                  tolerance: float, device: str = "cpu", mode: str = "auto", reference=None) -> FidelityResult:
     """Compare the TorchTitan model built from the checkpoint's tensors with the folder just written.
 
     Args:
@@ -231,6 +318,8 @@ def verify_export(arch: Qwen3Arch, titan: TitanSource, hf_dir: Path, *, tie: boo
         tolerance: max|Δ| allowed, relative to max(1, max|TorchTitan value|).
         device: `cpu` or `cuda`.
         mode: `whole`, `layerwise`, or `auto` (whole up to `WHOLE_MODEL_MAX_PARAMS`, MoE always whole).
+        reference: the torchtitan model config of the TorchTitan side (from the run's own model config; see
+            `reference.build_reference`); None builds it from `arch` (conversions with no run config).
 
     Returns:
         The figures; `passed` is False when the logits (or, layer-wise, any layer) differ beyond tolerance.
@@ -241,7 +330,7 @@ def verify_export(arch: Qwen3Arch, titan: TitanSource, hf_dir: Path, *, tie: boo
     if mode == "whole":
         keys = [k for k in titan.keys() if not (tie and k == "lm_head.weight")]
         return verify_logits(arch, titan.read(keys), hf_dir, tie=tie, vocab_limit=vocab_limit, tolerance=tolerance,
-                             device=device)
+                             device=device, reference=reference)
     from molgen_export.fidelity_layers import verify_layerwise
 
     batches = [fixed_token_batch(vocab_limit, batch=1, length=LAYERWISE_LENGTH)]
@@ -249,7 +338,7 @@ def verify_export(arch: Qwen3Arch, titan: TitanSource, hf_dir: Path, *, tie: boo
     if prompt.numel() and int(prompt.max()) < arch.vocab_size:
         batches.append(prompt)
     result = verify_layerwise(arch, titan, hf_dir, batches, tie=tie, vocab_limit=vocab_limit, tolerance=tolerance,
-                              device=device)
+                              device=device, reference=reference)
     logger.info("logits: max|Δ| %.3g mean|Δ| %.3g top-1 %.4f over %d tokens (layer-wise)", result.max_abs_diff,
                 result.mean_abs_diff, result.top1_agreement, result.tokens)
     return result

@@ -134,10 +134,10 @@ class HFWeights:
         return torch.frombuffer(data, dtype=torch.uint8, count=nbytes).view(dtype).view(stop - start, *shape[1:])
 
 
-def _titan_block(arch: Qwen3Arch, tie: bool, device: str) -> torch.nn.Module:
+def _titan_block(config, device: str) -> torch.nn.Module:
+    """One TorchTitan block of the model config (layer-wise mode is for dense models: every block alike)."""
     from torchtitan.models.common.rope import RoPE
 
-    config = arch.titan_model_config(tie=tie)
     with torch.device("meta"):
         block = config.layers[0].build()
     block.to_empty(device=device)
@@ -163,6 +163,20 @@ def _params(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}{name}": param.data for name, param in params.items()}
 
 
+def _fill_block(titan: WeightSource, block: torch.nn.Module, prefix: str) -> None:
+    """Load a TorchTitan block's weights: straight into its parameters, or through `load_state_dict` when its
+    state dict names other tensors than its parameters (a fused QKV projection saves wq/wk/wv)."""
+    params = dict(block.named_parameters())
+    state = block.state_dict()
+    if set(params) == set(state):
+        titan.fill({f"{prefix}{name}": param.data for name, param in params.items()})
+        return
+    targets = {name: torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+               for name, tensor in state.items()}
+    titan.fill({f"{prefix}{name}": tensor for name, tensor in targets.items()})
+    block.load_state_dict(targets, strict=True)
+
+
 class _Diff:
     """Running comparison of one named stage (a layer's hidden states, or the logits)."""
 
@@ -184,7 +198,7 @@ class _Diff:
 
 
 def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches: list[torch.Tensor], *, tie: bool,
-                     vocab_limit: int, tolerance: float, device: str = "cpu"):
+                     vocab_limit: int, tolerance: float, device: str = "cpu", reference=None):
     """Compare the TorchTitan model (weights from `titan`) with the written folder, one layer at a time.
 
     Args:
@@ -196,6 +210,8 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
         vocab_limit: logits compared on `[:vocab_limit]`.
         tolerance: relative tolerance: a stage passes when max|Δ| <= tolerance * max(1, max|TorchTitan value|).
         device: where the layers run.
+        reference: the torchtitan model config of the TorchTitan side (from the run's own model config); None:
+            built from `arch`.
 
     Returns:
         A `fidelity.FidelityResult` with `mode="layerwise"`, per-stage figures and the first diverging stage.
@@ -206,19 +222,21 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
     from transformers import AutoConfig
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-    from molgen_export.fidelity import FidelityResult
+    from molgen_export.fidelity import FidelityResult, titan_config
 
+    titan_model_config = titan_config(reference if reference is not None else arch, tie=tie)
     began = time.perf_counter()
     hf_config = AutoConfig.from_pretrained(hf_dir)
     hf_config._attn_implementation = "sdpa"
     hf = HFWeights(hf_dir)
     layer_bytes = _layer_params(arch) * 4
     prefetch = 4 * layer_bytes <= PREFETCH_BYTES
-    sets = [(_titan_block(arch, tie, device), _hf_layer(hf_config, device)) for _ in range(2 if prefetch else 1)]
+    sets = [(_titan_block(titan_model_config, device), _hf_layer(hf_config, device))
+            for _ in range(2 if prefetch else 1)]
 
     def load(layer: int, which: int) -> None:
         titan_block, hf_layer = sets[which]
-        titan.fill(_params(titan_block, f"layers.{layer}."))
+        _fill_block(titan, titan_block, f"layers.{layer}.")
         hf.fill(_params(hf_layer, f"model.layers.{layer}."))
 
     stages: list[_Diff] = []
@@ -255,7 +273,7 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
             if layer + 1 < arch.n_layers and not prefetch:
                 pending = pool.submit(load, layer + 1, 0)
         sets.clear()
-        titan_norm = arch.titan_model_config(tie=tie).norm.build().to(device)
+        titan_norm = titan_model_config.norm.build().to(device)
         hf_norm = Qwen3RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps).to(device)
         titan.fill({"norm.weight": titan_norm.weight.data})
         hf.fill({"model.norm.weight": hf_norm.weight.data})

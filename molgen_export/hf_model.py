@@ -28,15 +28,12 @@ _ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 def build_hf_config(base: dict, arch: Qwen3Arch, *, tie: bool, dtype: str) -> dict:
     """The exported `config.json`: the base assets' config as template, architecture from the checkpoint.
 
-    Writes both `rope_theta` and `rope_parameters` so transformers 4 and 5 (and vLLM) read the same theta,
-    `head_dim`, `tie_word_embeddings` and both `dtype`/`torch_dtype` explicitly.
+    RoPE as HF's Qwen3 configs state it (`rope_theta`, `rope_scaling` null or the run's YaRN), which transformers
+    4 and 5 and vLLM read alike; `head_dim`, `tie_word_embeddings` and both `dtype`/`torch_dtype` explicitly.
+    The base config's own RoPE scaling is never carried over: the run's RoPE is the one that was trained.
     """
-    config = {k: v for k, v in base.items() if k not in _ARCH_FIELDS and not k.startswith("_")}
+    config = {k: v for k, v in base.items() if k not in _ARCH_FIELDS and k != "rope_scaling" and not k.startswith("_")}
     config.pop("transformers_version", None)
-    base_rope = base.get("rope_parameters") or {}
-    rope_type = base_rope.get("rope_type") or (base.get("rope_scaling") or {}).get("rope_type") or "default"
-    rope_parameters = {**{k: v for k, v in base_rope.items() if k != "rope_theta"},
-                       "rope_type": rope_type, "rope_theta": arch.rope_theta}
     max_positions = max(arch.max_seq_len, int(base.get("max_position_embeddings") or 0))
     config.update({
         "architectures": ["Qwen3ForCausalLM"],
@@ -51,7 +48,9 @@ def build_hf_config(base: dict, arch: Qwen3Arch, *, tie: bool, dtype: str) -> di
         "hidden_act": base.get("hidden_act", "silu"),
         "rms_norm_eps": arch.norm_eps,
         "rope_theta": arch.rope_theta,
-        "rope_parameters": rope_parameters,
+        # as HF's own Qwen3 configs write it: `rope_scaling` null for plain RoPE (a "default" rope_type makes
+        # llama.cpp's converter warn), the scaling dict for YaRN; transformers 5 reads both into rope_parameters
+        "rope_scaling": dict(arch.rope_scaling) if arch.rope_scaling else None,
         "max_position_embeddings": max_positions,
         "tie_word_embeddings": tie,
         "attention_bias": False,
@@ -74,8 +73,6 @@ def build_hf_config(base: dict, arch: Qwen3Arch, *, tie: bool, dtype: str) -> di
             "output_router_logits": False,
             "router_aux_loss_coef": base.get("router_aux_loss_coef", 0.001),
         })
-    if rope_type != "default" and "rope_scaling" not in config:
-        config["rope_scaling"] = dict(rope_parameters)
     return dict(sorted(config.items()))
 
 

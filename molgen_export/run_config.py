@@ -71,6 +71,8 @@ class RunConfig:
     job_config_path: Path | None
     custom_import: str | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    titan_model: dict | None = field(default=None, compare=False)
+    """The run's own `model_spec.model` (TorchTitan 0.3 `to_dict()`): the verifier's reference is built from it."""
 
     @property
     def compute_dtype(self) -> str:
@@ -81,6 +83,7 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("titan_model", None)
         for key, value in data.items():
             if isinstance(value, Path):
                 data[key] = str(value)
@@ -96,19 +99,43 @@ def _get(data: dict, *path: str, default=None):
     return data
 
 
-def _launch_dir_for(job_config: Path, dump_folder: str | None) -> Path:
-    """The directory training ran in: the dump folder's parent chain when dump_folder is relative."""
-    folder = job_config.parent.resolve()
-    if dump_folder and not Path(dump_folder).is_absolute():
-        parts = [p for p in Path(dump_folder).parts if p not in (".", "")]
-        # a dump written into the dump folder (job_config.json): the launch dir is above it; a job file kept
-        # elsewhere (a TOML beside the launch) is taken to sit in the launch dir
-        if parts and list(folder.parts[-len(parts):]) == parts:
-            return Path(*folder.parts[:-len(parts)])
-    return folder
+def _launch_dir_for(job_config: Path, dump_folder: str | None, inside: tuple[str | None, ...] = ()) -> Path | None:
+    """The directory training was launched from, derived from where TorchTitan put this file.
+
+    TorchTitan writes its dump to `<launch>/<dump_folder>/<debug.save_config_file>` (often `logs/job_config.json`),
+    and runners copy it to `<launch>/<dump_folder>/<checkpoint.folder>/config.json`; `inside` lists those places
+    relative to the dump folder. The first one that matches the file's own path gives the launch dir.
+    With an absolute dump folder the launch dir cannot be told from the file; a dump folder reaching up with
+    `..` leaves it known only when nothing below the shared ancestor is needed. None when unknown.
+    """
+    import os
+
+    folder = job_config.resolve()
+    if not dump_folder:
+        return folder.parent
+    dump = Path(os.path.normpath(dump_folder))
+    for place in [p for p in inside if p] + [job_config.name]:
+        inner = Path(os.path.normpath(place))
+        if inner.is_absolute() or ".." in inner.parts:
+            continue
+        if dump.is_absolute():
+            if Path(os.path.normpath(dump / inner)) == folder:
+                return None
+            continue
+        parts = [p for p in (dump / inner).parts if p not in (".", "")]
+        ups = 0
+        while parts and parts[0] == "..":
+            parts.pop(0)
+            ups += 1
+        if not parts or len(parts) >= len(folder.parts) or list(folder.parts[-len(parts):]) != parts:
+            continue
+        if ups:
+            return None  # `<launch>/..` is known, the launch dir itself is not
+        return Path(*folder.parts[:-len(parts)])
+    return folder.parent
 
 
-def _resolve(path_text: str | None, launch_dir: Path | None) -> Path | None:
+def _resolve(path_text: str | None, launch_dir: Path | None, source: Path | None = None) -> Path | None:
     if not path_text:
         return None
     if not isinstance(path_text, str):
@@ -116,8 +143,12 @@ def _resolve(path_text: str | None, launch_dir: Path | None) -> Path | None:
                           "not a string",
                           hint="fix hf_assets_path / tokenizer path in the run config, or pass --hf-assets")
     path = Path(path_text).expanduser()
-    if path.is_absolute() or launch_dir is None:
+    if path.is_absolute():
         return path
+    if launch_dir is None:
+        logger.warning("%s: %r is relative to the launch directory, which cannot be told from this file (its "
+                       "dump_folder is absolute or climbs with ..); pass --hf-assets", source, path_text)
+        return None
     return (launch_dir / path).resolve()
 
 
@@ -226,27 +257,30 @@ def _parse_run_config(data: dict, source: Path) -> RunConfig:
             source=source, kind="runner", model_name=data.get("model_name"), flavor=data.get("flavor"), dims=dims,
             seq_len=data.get("seq_len"), training_dtype=data.get("training_dtype"),
             mixed_precision_param=data.get("mixed_precision_param"),
-            hf_assets_path=_resolve(data.get("hf_assets_path"), launch_dir),
-            tokenizer_path=_resolve(data.get("tokenizer_path"), launch_dir),
+            hf_assets_path=_resolve(data.get("hf_assets_path"), launch_dir, source),
+            tokenizer_path=_resolve(data.get("tokenizer_path"), launch_dir, source),
             keep_latest_k=data.get("keep_latest_k"), checkpoint_folder=data.get("checkpoint_folder"),
-            launch_dir=launch_dir, job_config_path=_resolve(data.get("job_config_path"), launch_dir),
+            launch_dir=launch_dir, job_config_path=_resolve(data.get("job_config_path"), launch_dir, source),
             custom_import=data.get("custom_import"))
     if "model_spec" in data:  # TorchTitan 0.3 Trainer.Config.to_dict()
         spec = data.get("model_spec") or {}
-        launch_dir = _launch_dir_for(source, data.get("dump_folder"))
+        launch_dir = _launch_dir_for(source, data.get("dump_folder"), (
+            _get(data, "debug", "save_config_file"), f"{_get(data, 'checkpoint', 'folder') or 'checkpoint'}/config.json"))
         hf_assets = data.get("hf_assets_path")
         return RunConfig(
             source=source, kind="titan-0.3", model_name=spec.get("name"), flavor=spec.get("flavor"),
             dims=_dims_from_titan03_model(spec.get("model") or {}),
             seq_len=_get(data, "training", "seq_len"), training_dtype=_get(data, "training", "dtype"),
             mixed_precision_param=_get(data, "training", "mixed_precision_param"),
-            hf_assets_path=_resolve(hf_assets, launch_dir),
-            tokenizer_path=_resolve(_get(data, "tokenizer", "path") or hf_assets, launch_dir),
+            hf_assets_path=_resolve(hf_assets, launch_dir, source),
+            tokenizer_path=_resolve(_get(data, "tokenizer", "path") or hf_assets, launch_dir, source),
             keep_latest_k=_get(data, "checkpoint", "keep_latest_k"),
-            checkpoint_folder=_get(data, "checkpoint", "folder"), launch_dir=launch_dir, job_config_path=source)
+            checkpoint_folder=_get(data, "checkpoint", "folder"), launch_dir=launch_dir, job_config_path=source,
+            titan_model=spec.get("model") if isinstance(spec.get("model"), dict) else None)
     if "model" in data and isinstance(data["model"], dict) and ("name" in data["model"] or "flavor" in data["model"]):
         model = data["model"]
-        launch_dir = _launch_dir_for(source, _get(data, "job", "dump_folder"))
+        launch_dir = _launch_dir_for(source, _get(data, "job", "dump_folder"), (
+            _get(data, "job", "save_config_file"), f"{_get(data, 'checkpoint', 'folder') or 'checkpoint'}/config.json"))
         hf_assets = model.get("hf_assets_path")
         tokenizer = model.get("tokenizer_path") or hf_assets
         return RunConfig(
@@ -254,8 +288,8 @@ def _parse_run_config(data: dict, source: Path) -> RunConfig:
             dims=ModelDims(), seq_len=_get(data, "training", "seq_len"),
             training_dtype=_get(data, "training", "dtype"),
             mixed_precision_param=_get(data, "training", "mixed_precision_param"),
-            hf_assets_path=_resolve(hf_assets or tokenizer, launch_dir),
-            tokenizer_path=_resolve(tokenizer, launch_dir),
+            hf_assets_path=_resolve(hf_assets or tokenizer, launch_dir, source),
+            tokenizer_path=_resolve(tokenizer, launch_dir, source),
             keep_latest_k=_get(data, "checkpoint", "keep_latest_k"),
             checkpoint_folder=_get(data, "checkpoint", "folder"), launch_dir=launch_dir, job_config_path=source,
             custom_import=_get(data, "experimental", "custom_import"))
@@ -295,9 +329,13 @@ def find_run_config(checkpoint_root: Path) -> Path | None:
     folder = checkpoint_root.resolve()
     for _ in range(3):
         folder = folder.parent
-        candidate = folder / JOB_CONFIG_NAME
-        if candidate.is_file():
-            return candidate
+        # TorchTitan writes `<dump_folder>/<debug.save_config_file>`, usually `job_config.json` or
+        # `logs/job_config.json`; any one folder down from the dump folder is looked at too
+        candidates = [folder / JOB_CONFIG_NAME, folder / "logs" / JOB_CONFIG_NAME,
+                      *sorted(folder.glob(f"*/{JOB_CONFIG_NAME}"))]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -319,10 +357,11 @@ def load_run_config(checkpoint_root: Path, explicit: Path | None = None) -> RunC
             hint="launch training through `python -m molgen_export.runner` (it writes both), "
                  "or pass the run's job config with --config")
     config = read_config_file(path)
-    if config.kind == "runner" and config.job_config_path and not config.dims.dim and config.job_config_path.is_file():
-        # the runner's file points at the full job config; take the dims from there when it has them
+    if config.kind == "runner" and config.job_config_path and config.job_config_path.is_file():
+        # the runner's file points at the full job config: the run's model config (and dims) come from there
         job = read_config_file(config.job_config_path)
-        config = RunConfig(**{**config.__dict__, "dims": job.dims})
+        config = RunConfig(**{**config.__dict__, "dims": config.dims if config.dims.dim else job.dims,
+                              "titan_model": job.titan_model})
     return config
 
 

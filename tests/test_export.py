@@ -63,7 +63,8 @@ def test_demo_export_loads_and_matches_titan_logits(demo_run):
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["tie_word_embeddings"] is True
     assert config["head_dim"] == 32 and config["hidden_size"] == 64  # head_dim != dim / heads
-    assert config["rope_theta"] == 1e6 and config["rope_parameters"]["rope_theta"] == 1e6
+    # RoPE as HF's own Qwen3 configs write it (a `rope_type: default` makes llama.cpp's converter warn)
+    assert config["rope_theta"] == 1e6 and config["rope_scaling"] is None and "rope_parameters" not in config
     assert config["vocab_size"] == 320 and config["dtype"] == "bfloat16"
     with safe_open(hf_dir / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
