@@ -171,7 +171,11 @@ def summary_line(report) -> str:
 def dry_run_block(report, step_info, state: str) -> str:
     """The multi-line dry-run description of one step."""
     lines = [f"{step_info.step_dir.name}: complete, {state}"]
-    lines.append(f"  model tensors   {report.tensors} ({_size(report.model_bytes)}), -> {report.hf_tensors} HF tensors")
+    tie_note = ""
+    if report.hf_tensors_untied is not None and report.hf_tensors_untied != report.hf_tensors:
+        tie_note = f" ({report.hf_tensors_untied} if the stored head differs from the embedding: decided on the data)"
+    lines.append(f"  model tensors   {report.tensors} ({_size(report.model_bytes)}), -> {report.hf_tensors} HF tensors"
+                 f"{tie_note}")
     lines.append(f"  other state     {_size(report.other_bytes)} (optimizer, scheduler, dataloader; not read)")
     lines.append(f"  dtype           {report.checkpoint_dtype} -> {report.export_dtype}")
     lines.append(f"  run config      {report.run_config.get('path')} ({report.run_config.get('kind')})")
@@ -356,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         elif isinstance(exc, KeyboardInterrupt):
             print("interrupted; no partial output was published", file=sys.stderr)
+        elif isinstance(exc, ModuleNotFoundError) and exc.name:
+            print(f"error: the Python package `{exc.name.split('.')[0]}` is not installed in {sys.executable}\n"
+                  "  fix: run molgen_export from the environment it was installed into (the README's "
+                  "`.venv/bin/python -m molgen_export`), or `pip install -e .` there", file=sys.stderr)
+            return 2
         else:
             print(f"error: unexpected {type(exc).__name__}: {exc}\n  (set MOLGEN_EXPORT_DEBUG=1 for the traceback; "
                   "please report it)", file=sys.stderr)

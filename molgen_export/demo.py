@@ -21,6 +21,10 @@ from molgen_export.run_config import write_checkpoint_config
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                 "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                 "{% endif %}")
+"""ChatML, the shape of Qwen's chat template (without its tool-calling and thinking parts)."""
 _ELEMENTS = ("C", "N", "O", "S", "F", "Cl", "Br", "c", "n", "o", "s")
 
 
@@ -53,8 +57,13 @@ def make_tokenizer(assets_dir: Path, vocab_size: int = 300, seed: int = 0) -> in
     assets_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(assets_dir / "tokenizer.json"))
     size = tokenizer.get_vocab_size(with_added_tokens=True)
+    # as Qwen3's own tokenizer_config.json says it: the Qwen2 tokenizer class, no token_type_ids, ChatML
     (assets_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_input_names": ["input_ids", "attention_mask"],
+        "chat_template": CHAT_TEMPLATE,
+        "errors": "replace",
+        "split_special_tokens": False,
         "bos_token": None,
         "eos_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
@@ -87,6 +96,8 @@ def write_base_assets(assets_dir: Path, arch: Qwen3Arch, eos_id: int) -> None:
             "mlp_only_layers": [i for i in range(arch.n_layers) if i not in arch.moe.moe_layers],
         })
     (assets_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (assets_dir / "README.md").write_text("---\nlicense: apache-2.0\npipeline_tag: text-generation\n---\n"
+                                          "# molgen tiny Qwen3 (demo base assets)\n")
     (assets_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": eos_id, "eos_token_id": eos_id, "do_sample": False, "max_new_tokens": 32}, indent=2) + "\n")
 

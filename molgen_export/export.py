@@ -55,6 +55,8 @@ class ExportReport:
     tied: bool | None = None
     tensors: int = 0
     hf_tensors: int = 0
+    hf_tensors_untied: int | None = None
+    """Dry run only: the HF tensor count should the stored head turn out to differ from the embedding."""
     model_bytes: int = 0
     other_bytes: int = 0
     """Optimizer, scheduler, dataloader and train-state bytes in the step (never read)."""
@@ -199,23 +201,16 @@ def step_lock(output_dir: Path):
     Raises:
         StepLockedError: another process holds it.
     """
-    from filelock import FileLock, Timeout
-
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create the export folder {output_dir.parent}: {exc.strerror or exc}",
                           path=output_dir.parent, hint="choose a writable --output folder") from exc
-    lock = FileLock(str(output_dir.parent / f".{output_dir.name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout as exc:
-        raise StepLockedError(f"{output_dir.name} is being exported by another process", path=output_dir,
-                              hint="wait for it to finish; the export lock is released when that process ends") from exc
-    try:
+    with write.try_lock(output_dir.parent / f".{output_dir.name}.lock") as held:
+        if not held:
+            raise StepLockedError(f"{output_dir.name} is being exported by another process", path=output_dir,
+                                  hint="wait for it to finish; the export lock is released when that process ends")
         yield
-    finally:
-        lock.release()
 
 
 @dataclass
@@ -385,7 +380,10 @@ def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportR
     meta_findings = _metadata_checks(plan, None)
     report.findings = [f.to_json() for f in meta_findings]
     if options.dry_run:
-        report.hf_tensors = len(plan.mapping)
+        # what will be written: the head is dropped when the run ties it and the data confirms it
+        report.hf_tensors_untied = len(plan.mapping)
+        tied_head = plan.arch.tie_word_embeddings and "lm_head.weight" in plan.sources
+        report.hf_tensors = len(plan.mapping) - (1 if tied_head else 0)
         report.status = "planned"
         report.timings["total"] = round(time.perf_counter() - started, 4)
         return report
@@ -585,13 +583,44 @@ def _provenance(report: ExportReport) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _base_card_metadata(assets: Path) -> dict[str, str]:
+    """`license`, `base_model`, `pipeline_tag`... from the YAML front matter of the base assets' README.md (the
+    released model's card), as plain one-line values; nothing when there is no card."""
+    try:
+        text = (assets / "README.md").read_text()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not text.startswith("---"):
+        return {}
+    found: dict[str, str] = {}
+    for line in text.split("\n")[1:]:
+        if line.strip() == "---":
+            break
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key in ("license", "license_name", "license_link", "base_model", "pipeline_tag") and value:
+            found[key] = value
+    return found
+
+
+def _relative_to_run(path: str, step_dir: str) -> str:
+    """`path` as seen from the run folder above the checkpoint folder (the card's other paths are relative too)."""
+    import os
+
+    try:
+        return os.path.relpath(path, Path(step_dir).resolve().parent.parent)
+    except ValueError:
+        return path
+
+
 def model_card(report: ExportReport) -> str:
     """A README.md for the export: where it came from, what was checked, how well it matches."""
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [qwen3, torchtitan, molgen-export]",
-        "---",
+    base = _base_card_metadata(Path(report.hf_assets)) if report.hf_assets else {}
+    moe = bool((report.architecture or {}).get("moe"))
+    lines = ["---", "library_name: transformers", f"pipeline_tag: {base.get('pipeline_tag', 'text-generation')}"]
+    lines += [f"{key}: {base[key]}" for key in ("license", "license_name", "license_link", "base_model") if key in base]
+    lines += [f"tags: [{'qwen3_moe' if moe else 'qwen3'}, torchtitan, molgen-export]", "---"]
+    lines += [
         f"# {Path(report.step_dir).parent.parent.name or 'run'} / {Path(report.step_dir).name}",
         "",
         f"Exported by molgen_export {report.versions.get('molgen-export', '?')} from the {report.source_format} "
@@ -600,7 +629,8 @@ def model_card(report: ExportReport) -> str:
         f"- dtype: checkpoint {report.checkpoint_dtype} -> export {report.export_dtype}",
         f"- tied embeddings: {report.tied}",
         f"- run config: `{report.run_config.get('path')}` ({report.run_config.get('kind')})",
-        f"- base assets: `{report.hf_assets}`{' (overridden with --hf-assets)' if report.hf_assets_overridden else ''}",
+        f"- base assets: `{_relative_to_run(report.hf_assets, report.step_dir)}`"
+        f"{' (overridden with --hf-assets)' if report.hf_assets_overridden else ''}",
         "",
         "## Checks",
         "",
@@ -611,7 +641,7 @@ def model_card(report: ExportReport) -> str:
         result = "ok" if finding["ok"] else "FAILED"
         if finding.get("warning"):
             result += " (warning)"
-        lines.append(f"| {finding['name']} | {result} | {finding['detail'].replace('|', '/')} |")
+        lines.append(f"| {finding['name']} | {result} | {finding['detail'].replace('|', chr(92) + '|')} |")
     if report.fidelity:
         fid = report.fidelity
         lines += ["", "## Fidelity", "",

@@ -316,6 +316,18 @@ def refuse_unexpressible(model: dict, source: str) -> list[FieldDecision]:
                              f"only {decision.rule.value!r} can be exported)")
         raise ConfigError(f"the run config {source} sets what the HF Qwen3 model cannot express: " + "; ".join(lines),
                           hint="such a run cannot be exported as HF Qwen3 without changing the model it computes")
+    eps = {d.path: d.value for d in decisions if d.path.endswith(".eps")}
+    if len({float(v) for v in eps.values()}) > 1:
+        shown = ", ".join(f"model_spec.model.{k} = {v!r}" for k, v in list(eps.items())[:4])
+        raise ConfigError(f"the run config {source} uses different RMSNorm eps values ({shown}, ...); HF Qwen3 has one "
+                          "rms_norm_eps for every norm", hint="such a run cannot be exported as HF Qwen3")
+    for layer_index, layer in enumerate(model.get("layers") or []):
+        attention = (layer or {}).get("attention") or {}
+        rope_dim, head_dim = (attention.get("rope") or {}).get("dim"), attention.get("head_dim")
+        if rope_dim is not None and head_dim is not None and rope_dim != head_dim:
+            raise ConfigError(f"the run config {source} rotates {rope_dim} of {head_dim} head dims "
+                              f"(model_spec.model.layers.{layer_index}.attention.rope.dim); HF Qwen3 rotates the "
+                              "whole head", hint="such a run cannot be exported as HF Qwen3")
     _rope_scaling(model)
     return decisions
 

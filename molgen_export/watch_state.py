@@ -128,16 +128,8 @@ def step_claim(output_dir: Path) -> Iterator[bool]:
     Yields:
         True while this process holds the claim, False when another process holds it.
     """
-    from filelock import FileLock, Timeout
+    from molgen_export.write import try_lock
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    claim = FileLock(str(output_dir.parent / f".{output_dir.name}.watch.lock"))
-    try:
-        claim.acquire(timeout=0)
-    except Timeout:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        claim.release()
+    with try_lock(output_dir.parent / f".{output_dir.name}.watch.lock") as held:
+        yield held

@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -320,3 +322,43 @@ def process_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+@contextmanager
+def try_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive `flock` on `path` without waiting; the file is removed again on release.
+
+    Yields True while held, False when another process holds it. The kernel drops the lock if the process dies
+    (a dead holder leaves the file, which the next holder takes over and removes). Removing the file on release
+    is safe because a process that locked a file already unlinked checks that `path` still names that very file
+    (same device and inode) and otherwise tries again on the new one.
+    """
+    import fcntl
+
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
+            os.close(fd)  # we locked a file its holder had just removed: lock the one that names `path` now
+            continue
+        try:
+            yield True
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        return
+    raise OutputError(f"cannot lock {path}: it keeps being replaced", path=path,
+                      hint="another process is creating and removing this lock in a loop; stop it")

@@ -240,6 +240,7 @@ def test_skip_only_when_options_and_assets_are_the_same(demo_run, tmp_path, caps
     capsys.readouterr()
     assert main(["--dcp-path", step, *out, "--dtype", "float32"]) == 0
     assert capsys.readouterr().out.startswith("step-10  skip")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock file left behind
 
 
 def test_a_folder_we_did_not_write_is_never_replaced_without_force(demo_run, tmp_path, capsys):
