@@ -148,7 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.job_config} does not exist (the runner writes it before training starts)",
               file=sys.stderr)
         return 2
-    train(args.job_config, commit_delay=args.commit_delay, step_time=args.step_time)
+    try:
+        train(args.job_config, commit_delay=args.commit_delay, step_time=args.step_time)
+    except KeyboardInterrupt:
+        # die of the signal, as training does: Python exits 1 instead when the interrupt lands in C++ code
+        # (autograd's engine), which would hide from the runner that training was stopped by SIGINT
+        import os
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     return args.exit_code
 
 

@@ -22,7 +22,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, help). Each module defines add_arguments(parser) and run(args) -> int for that name,
     # as `add_<name>_arguments` / `run_<name>` with dashes turned into underscores.
     "demo": ("molgen_export.cli", "make a tiny TorchTitan Qwen3 run, export every step and verify it"),
+    "preflight": ("molgen_export.cli", "prove from a job config, before training, that its checkpoints will export"),
     "watch": ("molgen_export.watch", "watch a checkpoint folder and export each step as it completes"),
+    "report": ("molgen_export.run_report", "per-step table, HTML page or PNG of a run's exports, checks and evals"),
     "import-hf": ("molgen_export.layouts.hf_titan", "HF Qwen3 folder -> TorchTitan weights (safetensors or DCP)"),
     "export-titan": ("molgen_export.layouts.hf_titan", "TorchTitan-named safetensors -> verified HF folder"),
     "to-jax": ("molgen_export.layouts.jax_arrays", "HF Qwen3 folder -> per-layer [in, out] arrays for JAX"),
@@ -307,6 +309,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("demo-run"),
                         help="where the demo run is made (default ./demo-run); replaced if it exists")
     parser.add_argument("--steps", default="10,20", help="checkpoint steps to train to (default 10,20)")
+    parser.add_argument("--eval", action="store_true",
+                        help="after each export run the @lm-eval recipe on a local demo task (needs the [eval] extra), "
+                             "then print `molgen-export report`")
     add_verbosity(parser)
 
 
@@ -325,11 +330,59 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"demo run: {run.run_dir} (tiny Qwen3: {run.arch.n_layers} layers, dim {run.arch.dim}, "
           f"vocab {run.arch.vocab_size} rows for {run.tokenizer_size} tokens), checkpoints {', '.join(p.name for p in run.steps)}")
     _, infos = discover.resolve_checkpoint_root(run.checkpoint_root)
+    hooks = _demo_eval_hooks(args.workdir, run) if args.eval else None
     for info in infos:
-        print(summary_line(export.export_step(info.step_dir, ExportOptions())))
+        report = export.export_step(info.step_dir, ExportOptions())
+        print(summary_line(report))
+        if hooks is not None:
+            hooks.run(info.step, info.step_dir, Path(report.output_dir))
+    if hooks is not None:
+        from molgen_export.run_report import collect_report, format_table
+
+        print(format_table(collect_report(hooks.export_root)))
     print(f"demo done in {time.perf_counter() - started:.1f} s; load it with "
           f"AutoModelForCausalLM.from_pretrained('{run.run_dir}/checkpoint-hf/{run.steps[-1].name}-hf')")
     return EXIT_OK
+
+
+def add_preflight_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job_config", type=Path, help="the run's job config (TorchTitan's job_config.json, a 0.2 "
+                                                      "TOML, or the runner's checkpoint-folder config.json)")
+    parser.add_argument("--hf-assets", type=Path, help="base assets folder overriding the run's hf_assets_path")
+    parser.add_argument("--output", type=Path, help="export root whose free space to check")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="export dtype")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+    add_verbosity(parser)
+
+
+def run_preflight(args: argparse.Namespace) -> int:
+    from molgen_export.config import ExportOptions
+    from molgen_export.preflight import run_preflight as preflight
+
+    result = preflight(args.job_config, ExportOptions(hf_assets=args.hf_assets, output=args.output, dtype=args.dtype))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(f"preflight {result.job_config}: {'exportable' if result.ok else 'NOT exportable'}")
+        for line in result.lines():
+            print(f"  {line}")
+    return EXIT_OK if result.ok else 2
+
+
+def _demo_eval_hooks(workdir: Path, run):
+    """The watcher's `@lm-eval` hook over a local task written into the demo's workdir (nothing downloaded)."""
+    import importlib.util
+    import shlex
+
+    from molgen_export.evals import INSTALL_HINT, write_demo_tasks
+    from molgen_export.watch_hooks import ExportHooks
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("demo --eval needs lm-eval", hint=INSTALL_HINT)
+    tasks = ",".join(write_demo_tasks(workdir / "tasks"))
+    template = f"@lm-eval --tasks {tasks} --include_path {shlex.quote(str(workdir.absolute() / 'tasks'))}"
+    print(f"evaluating each export with on_export {template!r}")
+    return ExportHooks(template, run.checkpoint_root.parent / f"{run.checkpoint_root.name}-hf", 900.0, lambda: False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,8 +109,13 @@ class ExportSection:
     grace: float = 10.0
     on_export: str | None = None
     on_export_timeout: float = 3600.0
+    preflight: str = "error"
+    """Before launching: prove the job config exportable (`error` refuses to launch when it is not, `warn` launches
+    anyway with a warning, `off` skips it)."""
 
     def __post_init__(self) -> None:
+        if self.preflight not in ("error", "warn", "off"):
+            raise UsageError(f"export.preflight is {self.preflight!r}", hint="use error, warn or off")
         self.export_options(Path("."))
         self.watch_options()
 
@@ -360,6 +365,29 @@ def _write_job_config(plan: RunPlan) -> None:
     logger.info("wrote %s", plan.job_config_path)
 
 
+def _preflight(plan: RunPlan, section: ExportSection) -> None:
+    """Prove the job config exportable before training starts.
+
+    Raises:
+        ConfigError: it is not, and `export.preflight` is `error` (training is not launched).
+    """
+    from molgen_export.preflight import run_preflight
+
+    result = run_preflight(plan.job_config_path, section.export_options(plan.workdir))
+    for line in result.lines():
+        logger.info("preflight: %s", line)
+    failure = result.first_failure()
+    if failure is None:
+        return
+    if section.preflight == "warn":
+        logger.warning("preflight: this run's checkpoints will not export (%s); launching anyway "
+                       "(export.preflight: warn)", failure.detail)
+        return
+    raise ConfigError(f"preflight: the run's checkpoints cannot be exported, so training was not launched: "
+                      f"{failure.name}: {failure.detail}",
+                      path=plan.job_config_path, hint="or set export.preflight: warn (or off) to launch anyway")
+
+
 def _exit_status(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
 
@@ -381,6 +409,8 @@ def run(config: RunnerConfig, *, on_outcome=None) -> int:
         if config.export.enabled and checkpoint_enabled(plan.job_config) is False:
             logger.warning("export is on but the job config has checkpointing off: nothing will be exported "
                            "(add --checkpoint.enable to torchtitan.overrides)")
+        if config.export.enabled and config.export.preflight != "off":
+            _preflight(plan, config.export)
     writer = _CheckpointConfigWriter(plan)
     watcher = None
     if main_role and config.export.enabled:
