@@ -15,6 +15,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from molgen_export.errors import ConfigError
@@ -360,6 +361,11 @@ def _fuses_qkv(model: dict) -> bool:
                for layer in model.get("layers") or [])
 
 
+def _model_config_file(run) -> Path:
+    """The file the run's model config was read from (the runner's config.json points at the job config)."""
+    return run.job_config_path if run.kind == "runner" and run.job_config_path else run.source
+
+
 def skeleton_config(arch, *, fused_qkv: bool):
     """A torchtitan config with the structure of `arch` (which layers are MoE, fused QKV): only a container for
     the run's own values."""
@@ -380,7 +386,7 @@ def build_reference(run, arch, *, checkpoint_fused_qkv: bool) -> Reference:
     model = getattr(run, "titan_model", None)
     if model:
         return reference_from_run_model(model, lambda fused: skeleton_config(arch, fused_qkv=fused),
-                                        f"{run.source.name} (model_spec.model)",
+                                        f"{_model_config_file(run).name} (model_spec.model)",
                                         checkpoint_fused_qkv=checkpoint_fused_qkv)
     if run.flavor:
         try:
