@@ -1,14 +1,18 @@
 """The watcher's `--on-export` commands: run after each successful export, in their own thread, recorded.
 
-A command (e.g. an eval) gets `{hf_dir}`, `{step}`, `{step_dir}`, `{report}` and `{python}` filled in, runs with
-a timeout, and its exit status and output tail go to the journal. Its failure never stops the watcher.
+A command (e.g. an eval) gets `{hf_dir}`, `{step}`, `{step_dir}`, `{report}`, `{export_root}`, `{eval_dir}`
+(`<export_root>/evals/step-N/`, made when named) and `{python}` filled in, runs with a timeout in its own process
+group (killed whole), and its exit status and output tail go to the journal. Its failure never stops the watcher.
+A template starting with `@` is a recipe (`@smoke`, `@lm-eval ...`; see `evals`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from molgen_export import export
+from molgen_export import evals, export
 from molgen_export.watch_state import append_journal
 
 logger = logging.getLogger(__name__)
@@ -26,7 +30,7 @@ class ExportHooks:
     """Runs an `on_export` command template for each exported step, one at a time, in a daemon thread.
 
     Args:
-        template: the command line, split with `shlex`; None runs nothing.
+        template: the command line, split with `shlex`, or an `@recipe`; None runs nothing.
         export_root: where the journal is.
         timeout: seconds a command may run before it is killed.
         stopping: returns True once the watcher is stopping; queued commands are then skipped.
@@ -34,6 +38,7 @@ class ExportHooks:
 
     def __init__(self, template: str | None, export_root: Path, timeout: float, stopping: Callable[[], bool]):
         self.template = template
+        self.command = evals.expand_recipe(template) if template else None  # an unknown @recipe fails here
         self.export_root = export_root
         self.timeout = timeout
         self.stopping = stopping
@@ -64,7 +69,7 @@ class ExportHooks:
         """Kill the command running now, if any."""
         process = self._process
         if process is not None and process.poll() is None:
-            process.kill()
+            _kill_group(process)
 
     def run_queued_here(self) -> None:
         """Run what is queued in the caller's thread (for one-shot use without `start()`)."""
@@ -85,19 +90,23 @@ class ExportHooks:
 
     def run(self, step: int, step_dir: Path, output_dir: Path) -> None:
         """Run the command for one step now, wait for it (up to the timeout) and journal the result."""
-        template = self.template or ""
+        template, command = self.template or "", self.command or ""
         entry = {"event": "on_export", "step": step, "hf_dir": str(output_dir), "command": template}
         started = time.monotonic()
         try:
+            eval_dir = evals.eval_dir_for(self.export_root, step)
+            if "{eval_dir}" in command:
+                eval_dir.mkdir(parents=True, exist_ok=True)
             argv = [arg.format(hf_dir=output_dir, step=step, step_dir=step_dir, python=sys.executable,
-                               report=output_dir / export.REPORT_FILE) for arg in shlex.split(template)]
+                               report=output_dir / export.REPORT_FILE, export_root=self.export_root,
+                               eval_dir=eval_dir) for arg in shlex.split(command)]
             entry["argv"] = argv
             self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL)
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
             try:
                 out, _ = self._process.communicate(timeout=self.timeout)
             except subprocess.TimeoutExpired:
-                self._process.kill()
+                _kill_group(self._process)
                 out, _ = self._process.communicate()
                 entry["error"] = f"killed after {self.timeout:g} s"
             entry["exit_code"] = self._process.returncode
@@ -111,3 +120,11 @@ class ExportHooks:
         ok = entry.get("exit_code") == 0
         logger.log(logging.INFO if ok else logging.WARNING, "step-%d on_export exited %s%s", step,
                    entry.get("exit_code"), f" ({entry['error']})" if entry.get("error") else "")
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill a command and whatever it started (it runs in its own session: lm-eval/vLLM start workers)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
