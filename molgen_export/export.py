@@ -45,6 +45,8 @@ class ExportReport:
     source_fingerprint: str = ""
     output_inputs: dict = field(default_factory=dict)
     """What decides the bytes of this export (`export.output_inputs`): an export is skipped only when all match."""
+    options: dict = field(default_factory=dict)
+    """The export options this report was made with (paths as strings; `extra` left out)."""
     replaced: list[str] = field(default_factory=list)
     """Why an earlier export of this step was replaced: the `output_inputs` that changed (or `--force`)."""
     run_config: dict = field(default_factory=dict)
@@ -108,6 +110,12 @@ def source_fingerprint(step_dir: Path) -> str:
     for path in sorted(step_dir.glob("*.distcp")):
         digest.update(f"{path.name}:{path.stat().st_size}".encode())
     return digest.hexdigest()
+
+
+def options_record(options: ExportOptions) -> dict:
+    """The options as the report records them: JSON values, paths as strings, `extra` left out."""
+    return {name: str(value) if isinstance(value, Path) else value
+            for name, value in options.__dict__.items() if name != "extra"}
 
 
 def output_dir_for(step_dir: Path, options: ExportOptions) -> Path:
@@ -370,7 +378,8 @@ def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportR
     info = discover.describe_step(step_dir)
     discover.require_dcp(info)
     output_dir = output_dir_for(step_dir, options)
-    report = ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir), versions=versions())
+    report = ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir), versions=versions(),
+                          options=options_record(options))
     timer = _Timer(report.timings)
     started = time.perf_counter()
     if options.threads:

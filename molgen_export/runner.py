@@ -10,6 +10,7 @@ drains the export queue and exits with training's exit code; Ctrl-C stops both c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -88,52 +89,68 @@ class TorchTitanSection:
                               hint="name the module (qwen3) and its config function (qwen3_0_6b)")
 
 
-@dataclass(frozen=True)
-class ExportSection:
-    """The export flag and how each checkpoint is exported (the `export:` section; see configs/export.yaml)."""
+SECTION_EXCLUDED = {"dry_run", "extra", "config", "once", "until_pid"}
+"""Option fields the `export:` section does not take: the runner plans the run (no dry run, its own run config,
+the watcher runs for the whole training and stops with it)."""
+SECTION_DEFAULTS = {"threads": 4}
+"""Where the training-side default differs from the library's: an export must leave cores to training."""
 
-    enabled: bool = False
-    output: str | None = None
-    layout: str = "sibling"
-    dtype: str | None = None
-    hf_assets: str | None = None
-    max_shard_size: str = "5GB"
-    skip_logits: bool = False
-    logits_atol: float = 1e-3
-    device: str = "cpu"
-    threads: int | None = 4
-    poll: str = "auto"
-    nice: int = 10
-    retries: int = 3
-    retry_backoff: float = 30.0
-    grace: float = 10.0
-    on_export: str | None = None
-    on_export_timeout: float = 3600.0
-    preflight: str = "error"
-    """Before launching: prove the job config exportable (`error` refuses to launch when it is not, `warn` launches
-    anyway with a warning, `off` skips it)."""
 
-    def __post_init__(self) -> None:
-        if self.preflight not in ("error", "warn", "off"):
-            raise UsageError(f"export.preflight is {self.preflight!r}", hint="use error, warn or off")
-        self.export_options(Path("."))
-        self.watch_options()
+def _section_field(f: dataclasses.Field) -> tuple[str, type, dataclasses.Field]:
+    """An `export:` key for one option field: paths become strings (omegaconf types), defaults carried over."""
+    annotation = {Path: str, "Path": str, "Path | None": "str | None"}.get(f.type, f.type)
+    if isinstance(annotation, str):
+        annotation = {"str | None": str | None, "int | None": int | None, "float | None": float | None,
+                      "str": str, "int": int, "float": float, "bool": bool}[annotation]
+    default = SECTION_DEFAULTS.get(f.name, f.default)
+    return f.name, annotation, field(default=default)
 
-    def export_options(self, workdir: Path) -> ExportOptions:
-        """The ExportOptions of this section, paths resolved against the launch directory."""
-        def resolve(text: str | None) -> Path | None:
-            return None if text is None else (workdir / Path(text).expanduser()).resolve()
 
-        return ExportOptions(output=resolve(self.output), layout=self.layout, dtype=self.dtype,
-                             hf_assets=resolve(self.hf_assets), max_shard_size=self.max_shard_size,
-                             skip_logits=self.skip_logits, logits_atol=self.logits_atol, device=self.device,
-                             threads=self.threads)
+def _section_fields() -> list:
+    """`enabled`, every ExportOptions field, every WatchOptions field, then `preflight`: one source of options."""
+    seen = set()
+    out = [("enabled", bool, field(default=False))]
+    for options in (ExportOptions, WatchOptions):
+        for f in dataclasses.fields(options):
+            if f.name in SECTION_EXCLUDED or f.name in seen:
+                continue
+            seen.add(f.name)
+            out.append(_section_field(f))
+    out.append(("preflight", str, field(default="error")))
+    return out
 
-    def watch_options(self) -> WatchOptions:
-        """The WatchOptions of this section."""
-        return WatchOptions(poll=str(self.poll), nice=self.nice, retries=self.retries,
-                            retry_backoff=self.retry_backoff, grace=self.grace, on_export=self.on_export,
-                            on_export_timeout=self.on_export_timeout)
+
+def _section_post_init(self) -> None:
+    if self.preflight not in ("error", "warn", "off"):
+        raise UsageError(f"export.preflight is {self.preflight!r}", hint="use error, warn or off")
+    self.export_options(Path("."))
+    self.watch_options()
+
+
+def _section_export_options(self, workdir: Path) -> ExportOptions:
+    """The ExportOptions of this section, paths resolved against the launch directory."""
+    values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ExportOptions) if f.name not in SECTION_EXCLUDED}
+    for name in ("output", "hf_assets"):
+        if values[name] is not None:
+            values[name] = (workdir / Path(values[name]).expanduser()).resolve()
+    return ExportOptions(**values)
+
+
+def _section_watch_options(self) -> WatchOptions:
+    """The WatchOptions of this section."""
+    values = {f.name: getattr(self, f.name) for f in dataclasses.fields(WatchOptions) if f.name not in SECTION_EXCLUDED}
+    values["poll"] = str(values["poll"])
+    return WatchOptions(**values)
+
+
+ExportSection = dataclasses.make_dataclass(
+    "ExportSection", _section_fields(), frozen=True,
+    namespace={"__post_init__": _section_post_init, "export_options": _section_export_options,
+               "watch_options": _section_watch_options,
+               "__doc__": "The export flag and every export and watch option (the `export:` section; see "
+                          "configs/export.yaml). Generated from ExportOptions and WatchOptions: an option added "
+                          "there is a key here."})
+ExportSection.__module__ = __name__
 
 
 @dataclass(frozen=True)

@@ -249,3 +249,34 @@ def test_titan_checkpoint_manager_hands_saves_to_a_watcher_process(demo_run):
     log = (demo_run.run_dir / "molgen-watch.log").read_text()
     assert "--until-pid" in " ".join(process.args) and "step-30  ok" in log
     assert (demo_run.run_dir / "checkpoint-hf" / "step-30-hf" / export.REPORT_FILE).is_file()
+
+
+def test_every_export_option_can_be_set_through_the_yaml_and_reaches_the_export(demo_run, tmp_path):
+    """One options source: each ExportOptions / WatchOptions field is an `export:` key (issue 13)."""
+    from molgen_export.config import ExportOptions
+    from molgen_export.watch import WatchOptions
+
+    chosen = {"output": "exports", "layout": "sibling", "dtype": "float32", "hf_assets": "assets",
+              "max_shard_size": "1MB", "skip_logits": False, "logits_atol": 0.002, "device": "cpu", "force": True,
+              "allow_expert_bias_drop": True, "threads": 1, "poll": "off", "retries": 0, "retry_backoff": 1.0,
+              "locked_recheck": 2.0, "rescan": 60.0, "nice": 0, "on_export": None, "on_export_timeout": 60.0,
+              "grace": 0.0}
+    section = {f.name for f in fields(runner.ExportSection)} - {"enabled", "preflight"}
+    options = ({f.name for f in fields(ExportOptions)} | {f.name for f in fields(WatchOptions)}) - runner.SECTION_EXCLUDED
+    assert section == options == set(chosen)  # nothing declared twice, nothing missing
+
+    path = stand_in_run(demo_run, tmp_path, steps=10)
+    dotlist = [f"export.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
+               for k, v in chosen.items()]
+    config = runner.load_config(path, dotlist)
+    watch = config.export.watch_options()
+    for name in {f.name for f in fields(WatchOptions)} & set(chosen):
+        assert getattr(watch, name) == chosen[name], name
+    assert runner.main(["--config", str(path), "-q", *dotlist]) == 0
+    report = json.loads((demo_run.workdir / "exports" / "step-10-hf" / export.REPORT_FILE).read_text())
+    for name, value in chosen.items():
+        if name in report["options"]:
+            expected = str(demo_run.workdir / value) if name in ("output", "hf_assets") else value
+            assert report["options"][name] == expected, name
+    assert set(report["options"]) == {f.name for f in fields(ExportOptions)} - {"extra"}
+    assert report["export_dtype"] == "float32" and report["fidelity"]["passed"]
