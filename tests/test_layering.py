@@ -18,6 +18,9 @@ LATER = {
     "molgen_export.checks": ["write", "fidelity", "export"],
     "molgen_export.write": ["fidelity", "export"],
     "molgen_export.fidelity": ["export"],
+    "molgen_export.reference": ["dcp_read", "naming", "checks", "write", "fidelity", "export"],
+    "molgen_export.probe": ["dcp_read", "write", "export"],
+    "molgen_export.preflight": ["dcp_read", "write", "fidelity", "export"],
     "molgen_export.export": ["watch", "runner", "cli"],
 }
 SHELLS = ["watch", "runner", "cli", "export_distributed"]
@@ -30,3 +33,13 @@ def test_stage_imports_no_later_stage(module):
                                        timeout=120).stdout)
     forbidden = {f"molgen_export.{name}" for name in LATER[module] + SHELLS}
     assert not forbidden & set(loaded), f"{module} imports {sorted(forbidden & set(loaded))}"
+
+
+def test_public_api_is_importable_and_light():
+    code = ("import sys, molgen_export; heavy = 'torch' in sys.modules; "
+            "from molgen_export import export_step, ExportOptions, ExportReport, ConfigError, run_preflight; "
+            "import json; print(json.dumps([heavy, sorted(molgen_export.__all__)]))")
+    heavy, names = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                             text=True, timeout=120).stdout)
+    assert not heavy  # `import molgen_export` alone loads no torch
+    assert {"export_step", "plan_step", "ExportOptions", "ExportReport", "MolgenExportError", "run_preflight"} <= set(names)
