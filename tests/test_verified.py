@@ -256,3 +256,31 @@ def test_a_folder_we_did_not_write_is_never_replaced_without_force(demo_run, tmp
         export_step(Path(step), ExportOptions(output=tmp_path, skip_logits=True))
     assert main(["--dcp-path", step, "--output", str(tmp_path), "--skip-logits", "--force"]) == 0
     assert (hf_dir / REPORT_FILE).is_file() and not (hf_dir / "notes.txt").exists()
+
+
+def test_renumbered_experts_compute_the_same_logits_yet_fail_on_routing(moe_run, tmp_path):
+    """A mapping that permutes experts (gate rows and expert weights together) gives an HF model with the same
+    logits; only the routing comparison sees that HF's expert e is not TorchTitan's expert e."""
+    import torch.distributed.checkpoint as dcp
+
+    from molgen_export import fidelity
+
+    report = export_step(moe_run.steps[0], ExportOptions(output=tmp_path, dtype="float32"))
+    hf = load_hf_model(Path(report.output_dir))
+    config = moe_run.arch.titan_model_config()
+    with torch.device("meta"):
+        skeleton = config.build()
+    skeleton.to_empty(device="cpu")
+    state = {k: torch.empty_like(v) for k, v in skeleton.state_dict().items()}
+    dcp.load(state, checkpoint_id=str(moe_run.steps[0]))
+    titan = build_titan_model(config, state, tie=False)
+    tokens = fidelity.fixed_token_batch(300)
+    order = torch.tensor([3, 0, 1, 2, *range(4, 12)])
+    with torch.no_grad():
+        for name, param in hf.model.layers[1].mlp.named_parameters():  # gate rows and every expert tensor
+            param.copy_(param[order])
+    with fidelity.RoutingRecorder(titan, hf) as routing:
+        result = fidelity.compare_logits(titan, hf, [tokens], 300, tolerance=1e-3)
+    assert result.passed  # the logits alone cannot tell
+    checked = routing.apply(result)
+    assert not checked.passed and checked.routing_agreement < 0.9
