@@ -331,14 +331,16 @@ def run_demo(args: argparse.Namespace) -> int:
           f"vocab {run.arch.vocab_size} rows for {run.tokenizer_size} tokens), checkpoints {', '.join(p.name for p in run.steps)}")
     _, infos = discover.resolve_checkpoint_root(run.checkpoint_root)
     hooks = _demo_eval_hooks(args.workdir, run) if args.eval else None
+    exported = []
     for info in infos:
         report = export.export_step(info.step_dir, ExportOptions())
         print(summary_line(report))
-        if hooks is not None:
-            hooks.run(info.step, info.step_dir, Path(report.output_dir))
-    if hooks is not None:
+        exported.append((info.step, info.step_dir, Path(report.output_dir)))
+    if hooks is not None:  # after the exports, as the watcher's own hook thread would run them
         from molgen_export.run_report import collect_report, format_table
 
+        for job in exported:
+            hooks.run(*job)
         print(format_table(collect_report(hooks.export_root)))
     print(f"demo done in {time.perf_counter() - started:.1f} s; load it with "
           f"AutoModelForCausalLM.from_pretrained('{run.run_dir}/checkpoint-hf/{run.steps[-1].name}-hf')")

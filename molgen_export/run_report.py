@@ -453,10 +453,19 @@ def render_plots(report: RunReport) -> bytes:
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;font-size:14px}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}td:nth-child(2){text-align:left}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#eee;font-weight:600}
+td:nth-child(2){text-align:left}.scroll{overflow-x:auto}
 tr.exported td:nth-child(2){color:#1a7f37}tr.failed td:nth-child(2),tr.gave-up td:nth-child(2),
 tr.purged td:nth-child(2){color:#cf222e;font-weight:bold}code{background:#f4f4f4}img{max-width:100%}
 ul{font-size:14px}"""
+
+
+def _header_html(name: str) -> str:
+    """A column title; an eval metric `task/metric` on two lines, so many of them still fit."""
+    from html import escape
+
+    task, slash, metric = name.rpartition("/")
+    return f"{escape(task)}/<br>{escape(metric)}" if slash else escape(name)
 
 
 def render_html(report: RunReport, png: bytes) -> str:
@@ -482,8 +491,8 @@ def render_html(report: RunReport, png: bytes) -> str:
 {escape(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no steps yet")}</p>
 <img alt="eval metrics, fidelity and latency over steps" src="data:image/png;base64,{base64.b64encode(png).decode()}">
 <h2>Steps</h2>
-<table><thead><tr>{"".join(f"<th>{escape(h)}</th>" for h in header)}</tr></thead>
-<tbody>{"".join(rows_html)}</tbody></table>
+<div class="scroll"><table><thead><tr>{"".join(f"<th>{_header_html(h)}</th>" for h in header)}</tr></thead>
+<tbody>{"".join(rows_html)}</tbody></table></div>
 <h2>Details</h2>
 <ul>{details or "<li>no failures, warnings or notes</li>"}</ul>
 </body></html>

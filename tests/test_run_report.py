@@ -49,6 +49,9 @@ def test_table_of_a_cli_export(demo_run, capsys):
         assert float(cells[2]) > 0 and float(cells[3]) >= float(cells[2])  # latency from .metadata's mtime
     assert "total: 2 exported" in out
     assert f"export root: {demo_run.run_dir / 'checkpoint-hf'}" in out
+    assert cli.main(["report", str(demo_run.workdir / "nowhere")]) == 2
+    assert cli.main(["report", str(demo_run.assets_dir)]) == 2  # neither exports nor checkpoints
+    assert "no step-N checkpoint folder found" in capsys.readouterr().err
 
 
 def test_a_failed_step_shows_its_reason_and_a_command_templates_scores_are_columns(demo_run, capsys):
@@ -112,7 +115,7 @@ def test_html_page_and_png(demo_run, tmp_path, capsys):
     for step in (10, 20):
         row = re.search(rf'<tr id="step-{step}" class="exported"[^>]*>(.*?)</tr>', html)
         assert row and "<td>exported</td>" in row.group(1) and "<td>tied</td>" in row.group(1)
-    assert "<th>mine/score</th>" in html and "<td>0.2</td>" in html
+    assert "<th>mine/<br>score</th>" in html and "<td>0.2</td>" in html
     images = re.findall(r'<img [^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(images) == 1
     embedded = base64.b64decode(images[0])
