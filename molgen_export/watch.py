@@ -112,7 +112,8 @@ class Watcher:
         self._observer = None
         self._worker: threading.Thread | None = None
         self._hooks = ExportHooks(self.watch_options.on_export, self.export_root,
-                                  self.watch_options.on_export_timeout, lambda: self._queue.stopping)
+                                  self.watch_options.on_export_timeout, lambda: self._queue.stopping,
+                                  nice=self.watch_options.nice)
         self._step = StepExporter(self.options, retries=self.watch_options.retries,
                                   retry_backoff=self.watch_options.retry_backoff,
                                   locked_recheck=self.watch_options.locked_recheck, queue=self._queue,

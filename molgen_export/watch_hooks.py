@@ -36,7 +36,8 @@ class ExportHooks:
         stopping: returns True once the watcher is stopping; queued commands are then skipped.
     """
 
-    def __init__(self, template: str | None, export_root: Path, timeout: float, stopping: Callable[[], bool]):
+    def __init__(self, template: str | None, export_root: Path, timeout: float, stopping: Callable[[], bool],
+                 nice: int = 0):
         self.template = template
         self.command = evals.expand_recipe(template) if template else None  # an unknown @recipe fails here
         self.export_root = export_root
@@ -45,6 +46,8 @@ class ExportHooks:
         self._jobs: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._process: subprocess.Popen | None = None
+        self.nice = nice
+        """Niceness added to each hook process (an lm-eval run must not take the CPU from training)."""
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -103,6 +106,7 @@ class ExportHooks:
             entry["argv"] = argv
             self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
+            _lower_priority(self._process.pid, self.nice)
             try:
                 out, _ = self._process.communicate(timeout=self.timeout)
             except subprocess.TimeoutExpired:
@@ -120,6 +124,18 @@ class ExportHooks:
         ok = entry.get("exit_code") == 0
         logger.log(logging.INFO if ok else logging.WARNING, "step-%d on_export exited %s%s", step,
                    entry.get("exit_code"), f" ({entry['error']})" if entry.get("error") else "")
+
+
+def _lower_priority(pid: int, nice: int) -> None:
+    """Run the hook `nice` steps below this process (its main thread), whichever thread started it."""
+    if nice <= 0:
+        return
+    try:
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + nice)
+        if os.getpriority(os.PRIO_PROCESS, pid) < target:
+            os.setpriority(os.PRIO_PROCESS, pid, target)
+    except OSError as exc:  # the hook already ended, or not permitted
+        logger.debug("cannot lower the priority of hook %d: %s", pid, exc)
 
 
 def _kill_group(process: subprocess.Popen) -> None:

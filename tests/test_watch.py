@@ -320,3 +320,14 @@ def test_cli_once_prints_a_line_per_step_and_exits_1_when_a_step_gives_up(demo_r
     assert code == 1
     assert "step-10  ok" in out and "step-20  gave-up" in out and "watch ended (scan): 1 exported, 1 gave-up" in out
     assert cli.main(["watch", str(demo_run.checkpoint_root), "--poll", "sometimes"]) == 2
+
+
+def test_on_export_hooks_run_at_the_watchers_lower_priority(tmp_path):
+    """An lm-eval run after each export must not take the CPU from training: hooks get the watcher's `nice`."""
+    from molgen_export.watch_hooks import ExportHooks
+
+    base = os.nice(0)
+    hooks = ExportHooks('{python} -c "import os; print(os.nice(0))"', tmp_path, 30, lambda: False, nice=5)
+    hooks.run(10, tmp_path / "step-10", tmp_path / "step-10-hf")
+    (entry,) = [e for e in read_journal(tmp_path) if e.get("exit_code") is not None]
+    assert int(entry["output_tail"].split()[-1]) == min(19, base + 5)
