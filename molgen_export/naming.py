@@ -200,11 +200,15 @@ def map_to_hf(sources: dict[str, TensorSource], titan_model_config) -> dict[str,
     mapping: dict[str, str] = {}
     unmapped: list[str] = []
     experts_by_key: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}  # sources per grouped key, counted once (not per key: that was quadratic)
+    for source in sources.values():
+        grouped = source.grouped_key
+        counts[grouped] = counts.get(grouped, 0) + 1
     for titan_key, source in sources.items():
         if source.expert is not None:
             grouped = source.grouped_key
             if grouped not in experts_by_key:
-                count = sum(1 for s in sources.values() if s.grouped_key == grouped)
+                count = counts[grouped]
                 produced = adapter.to_hf({grouped: torch.empty((count, *source.shape), device="meta")})
                 experts_by_key[grouped] = list(produced)  # the adapter emits experts in numeric order
             hf_keys = experts_by_key[grouped]
