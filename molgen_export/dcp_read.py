@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from molgen_export.dcp_metadata import (NON_MODEL_PREFIXES, ChunkLocation, StepMetadata, TensorEntry,  # noqa: F401
-                                        check_shard_files, is_model_key, load_metadata_object, model_ranges_hint,
-                                        read_step_metadata)
+                                        check_opened_shard, check_shard_files, is_model_key, load_metadata_object,
+                                        model_ranges_hint, read_metadata_bytes, read_step_metadata,
+                                        referenced_files)
 from molgen_export.dcp_record import RecordNotUnderstood, TensorRecord, locate_tensor
-from molgen_export.errors import CheckpointFormatError, SourceVanishedError
+from molgen_export.errors import CheckpointFormatError, MolgenExportError, SourceVanishedError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +54,25 @@ class ByteCounter:
 
 
 def open_shard(path: Path) -> int:
-    """Open a shard for reading.
+    """Open a shard (`step_dir / name`, the name confined when the metadata was read) for reading.
+
+    Opened without blocking (a FIFO planted in the folder cannot hang the export) and checked once open: a
+    regular file, inside the step folder (`check_opened_shard`).
 
     Raises:
         SourceVanishedError: the shard is gone (e.g. purged by TorchTitan's keep_latest_k).
+        UnsafeCheckpointError: it is not a regular file inside the step folder.
     """
     try:
-        return os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise SourceVanishedError(f"shard {path} disappeared while it was read", path=path) from exc
+    try:
+        check_opened_shard(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def pread_into(fd: int, path: Path, view: memoryview, offset: int) -> None:
@@ -128,6 +139,9 @@ def chunk_record(meta: StepMetadata, fqn: str, index: int, counter: ByteCounter 
     except RecordNotUnderstood as exc:
         logger.info("tensor `%s` chunk %d in %s is not read in place (%s); decoding it with torch.load",
                     fqn, index, path, exc)
+    except UnsafeCheckpointError as exc:
+        raise UnsafeCheckpointError(f"tensor `{fqn}` in {path} (bytes {chunk.file_offset}+{chunk.length}): "
+                                    f"{exc.args[0]}", hint=exc.hint, path=path) from exc
     finally:
         if fd is not None:
             os.close(fd)
@@ -321,8 +335,8 @@ def prefetch(step_dir: Path, ranges: list[tuple[str, int, int]], limit_bytes: in
             fd = fds.get(name)
             if fd is None:
                 try:
-                    fd = fds[name] = os.open(step_dir / name, os.O_RDONLY)
-                except OSError:
+                    fd = fds[name] = open_shard(step_dir / name)
+                except (OSError, MolgenExportError):
                     continue
             length = min(length, limit_bytes - requested)
             try:
