@@ -3,22 +3,25 @@
 `torch.distributed.checkpoint` stores each tensor item as a `torch.save` zip archive placed at a byte range of
 a `.distcp` shard (`filesystem.py`, `_write_item`). The archive keeps the tensor's storage as one *stored*
 (uncompressed) record, so the bytes can be read in place: this module reads the archive's central directory
-and its small `data.pkl` (through a restricted unpickler that builds nothing but a description of the tensor)
-and returns where the storage bytes are and how to view them. Anything it does not recognise raises
-`RecordNotUnderstood`; the caller then decodes the item with `torch.load(weights_only=True)` instead.
+and its small `data.pkl` (through `safe_pickle`, with constructors that build nothing but a description of the
+tensor) and returns where the storage bytes are and how to view them. Anything it does not recognise raises
+`RecordNotUnderstood`; the caller then decodes the item with `torch.load(weights_only=True)` instead. A
+`data.pkl` that asks for what `torch.save` never writes (a global outside torch, BUILD, a persistent id that is
+not a storage, an extension code) raises `UnsafeCheckpointError`: no loader gets to see it.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from molgen_export import safe_pickle
+from molgen_export.errors import MolgenExportError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -83,31 +86,76 @@ class _TensorRef:
     stride: tuple[int, ...]
 
 
+_MAX_DIMS = 64
+
+
+def _ints(values, what: str) -> tuple[int, ...]:
+    if type(values) is not tuple or len(values) > _MAX_DIMS:
+        raise RecordNotUnderstood(f"data.pkl gives the tensor's {what} as {type(values).__name__}")
+    for v in values:
+        if type(v) is not int or not 0 <= v < 1 << 63:
+            raise RecordNotUnderstood(f"data.pkl gives the tensor's {what} with {v!r:.40}")
+    return values
+
+
 def _describe_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                      metadata=None) -> _TensorRef:
-    """Stands in for `torch._utils._rebuild_tensor_v2`: records the arguments, builds nothing."""
-    if not isinstance(storage, _StorageRef) or backward_hooks or metadata:
+    """Stands in for `torch._utils._rebuild_tensor_v2`: checks and records the arguments, builds nothing."""
+    if not isinstance(storage, _StorageRef):
+        raise RecordNotUnderstood("data.pkl rebuilds the tensor from something other than a storage")
+    if type(requires_grad) is not bool or (backward_hooks is not None and type(backward_hooks) is not OrderedDict):
+        raise RecordNotUnderstood("data.pkl rebuilds the tensor with arguments of other types")
+    if backward_hooks or metadata:
         raise RecordNotUnderstood("data.pkl rebuilds the tensor with hooks or metadata")
-    return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    size, stride = _ints(size, "size"), _ints(stride, "stride")
+    if len(size) != len(stride):
+        raise RecordNotUnderstood("data.pkl gives a size and a stride of different lengths")
+    return _TensorRef(storage, _ints((storage_offset,), "storage offset")[0], size, stride)
 
 
-class _DataPickleReader(pickle.Unpickler):
-    """Reads a `torch.save` data.pkl that holds one plain tensor; admits nothing else."""
+def _storage_ref(pid) -> _StorageRef:
+    """`torch.save`'s persistent id of a storage: ('storage', storage type, key, location, numel); nothing else."""
+    if not (type(pid) is tuple and len(pid) == 5 and type(pid[0]) is str and pid[0] == "storage"
+            and isinstance(pid[1], torch.dtype) and type(pid[2]) is str and type(pid[3]) is str
+            and type(pid[4]) is int and 0 <= pid[4] < 1 << 63):
+        raise ValueError(f"not a storage reference: {pid!r:.80}")
+    return _StorageRef(pid[1], pid[2], pid[4])
 
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _describe_tensor
-        if (module, name) == ("collections", "OrderedDict"):
-            return OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        raise RecordNotUnderstood(f"data.pkl names `{module}.{name}`")
 
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], torch.dtype)):
-            raise RecordNotUnderstood(f"unexpected storage reference {pid!r:.80}")
-        return _StorageRef(pid[1], str(pid[2]), int(pid[4]))
+_DATA_PICKLE_SPECS: dict[tuple[str, str], safe_pickle.Spec] = {
+    ("torch._utils", "_rebuild_tensor_v2"): safe_pickle.Function("torch._utils._rebuild_tensor_v2", _describe_tensor),
+    ("collections", "OrderedDict"): safe_pickle.Function("collections.OrderedDict", OrderedDict, container="dict"),
+    **{("torch", name): safe_pickle.Constant(f"torch.{name}", dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+"""What `torch.save` of one plain tensor names in `data.pkl`."""
+
+
+def _resolve_data_pickle(module: str, name: str) -> safe_pickle.Spec | None:
+    return _DATA_PICKLE_SPECS.get((module, name))
+
+
+def describe_data_pickle(data: bytes) -> _TensorRef:
+    """The tensor a `torch.save` `data.pkl` describes (storage key, dtype, size, stride, offset), built from nothing.
+
+    Raises:
+        RecordNotUnderstood: not one plain tensor (e.g. another torch rebuild function, or damaged bytes).
+        UnsafeCheckpointError: it asks for something `torch.save` never writes.
+    """
+    try:
+        described = safe_pickle.load(data, _resolve_data_pickle, _storage_ref)
+    except safe_pickle.Refused as exc:
+        if exc.kind == safe_pickle.UNKNOWN and (exc.module == "torch" or exc.module.startswith("torch.")):
+            raise RecordNotUnderstood(f"data.pkl names `{exc.module}.{exc.name}`") from exc
+        if exc.kind in (safe_pickle.UNKNOWN, safe_pickle.UNSAFE):
+            what = f"asks to load `{exc.module}.{exc.name}`" if exc.kind == safe_pickle.UNKNOWN else f"holds {exc}"
+            raise UnsafeCheckpointError(
+                f"the item's data.pkl {what}, which torch.save never writes for a tensor; refusing to unpickle it",
+                hint="only export checkpoints written by torch.distributed.checkpoint; if this one is yours, "
+                     "it is damaged") from exc
+        raise RecordNotUnderstood(f"data.pkl does not describe a plain tensor ({exc})") from exc
+    if not isinstance(described, _TensorRef):
+        raise RecordNotUnderstood(f"data.pkl holds a {type(described).__name__}, not one tensor")
+    return described
 
 
 @dataclass(frozen=True)
@@ -210,7 +258,17 @@ def locate_tensor(read: Callable[[int, int], bytes], length: int) -> TensorRecor
 
     Raises:
         RecordNotUnderstood: not a plain, uncompressed, little-endian, single-tensor archive.
+        UnsafeCheckpointError: its data.pkl asks for something torch.save never writes.
     """
+    try:
+        return _locate_tensor(read, length)
+    except (RecordNotUnderstood, MolgenExportError):
+        raise
+    except (struct.error, ValueError, IndexError, OverflowError, UnicodeError) as exc:  # damaged zip structures
+        raise RecordNotUnderstood(f"not a readable zip archive ({type(exc).__name__}: {exc})") from exc
+
+
+def _locate_tensor(read: Callable[[int, int], bytes], length: int) -> TensorRecord:
     entries = _central_directory(read, length)
     by_suffix = {}
     for entry in entries:
@@ -223,14 +281,7 @@ def locate_tensor(read: Callable[[int, int], bytes], length: int) -> TensorRecor
     order = by_suffix.get("byteorder")
     if order is not None and _record_bytes(read, order, head) != b"little":
         raise RecordNotUnderstood("big-endian archive")
-    try:
-        described = _DataPickleReader(io.BytesIO(_record_bytes(read, pickle_entry, head))).load()
-    except RecordNotUnderstood:
-        raise
-    except Exception as exc:  # any unpickling failure means: not a plain tensor
-        raise RecordNotUnderstood(f"data.pkl does not describe a plain tensor ({type(exc).__name__})") from exc
-    if not isinstance(described, _TensorRef):
-        raise RecordNotUnderstood(f"data.pkl holds a {type(described).__name__}, not one tensor")
+    described = describe_data_pickle(_record_bytes(read, pickle_entry, head))
     storage = described.storage
     data_entry = by_suffix.get(f"data/{storage.key}")
     if data_entry is None:
