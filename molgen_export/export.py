@@ -104,11 +104,23 @@ def versions() -> dict[str, str]:
 
 
 def source_fingerprint(step_dir: Path) -> str:
-    """sha256 over `.metadata` (it carries DCP's unique save id) and the shard files' names and sizes."""
+    """sha256 over `.metadata` (it carries DCP's unique save id) and the name and size of every file the export
+    reads: each shard the metadata names (confined to the step folder) and every `*.distcp` beside them. A
+    `.metadata` that cannot be read safely (the export refuses it) adds only the `*.distcp`."""
     digest = hashlib.sha256()
-    digest.update((step_dir / discover.METADATA_FILE).read_bytes())
-    for path in sorted(step_dir.glob("*.distcp")):
-        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    try:
+        raw = dcp_read.read_metadata_bytes(step_dir)
+    except ValueError:  # not a regular file, or too large: nothing of it is hashed, nor read by the export
+        raw = b""
+    digest.update(raw)
+    try:
+        referenced = set(dcp_read.referenced_files(step_dir, raw))
+    except ValueError:  # CheckpointFormatError / UnsafeCheckpointError: the export refuses this step
+        referenced = set()
+    for name in sorted({p.name for p in step_dir.glob("*.distcp")} | referenced):
+        path = step_dir / name
+        size = path.stat().st_size if name not in referenced or path.exists() else "missing"
+        digest.update(f"{name}:{size}".encode())
     return digest.hexdigest()
 
 
