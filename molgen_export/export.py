@@ -151,11 +151,29 @@ def output_inputs(fingerprint: str, *, export_dtype: str, max_shard_bytes: int, 
     asset_hashes = {}
     if assets is not None:
         for name in ("config.json", "generation_config.json", *hf_model.TOKENIZER_FILES):
-            path = assets / name
-            if path.is_file():
-                asset_hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = _file_sha256(assets / name)
+            if digest is not None:
+                asset_hashes[name] = digest
     return {"format": OUTPUT_FORMAT, "source_fingerprint": fingerprint, "export_dtype": export_dtype,
             "max_shard_bytes": max_shard_bytes, "assets": asset_hashes}
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str | None:
+    """sha256 of a file, or None when absent; kept per (path, size, mtime): a watcher asks for the same base
+    assets (an 11 MB tokenizer.json for Qwen) several times per step."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    if not path.is_file():
+        return None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        _SHA256_CACHE[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _SHA256_CACHE[key]
 
 
 def _recorded(output_dir: Path) -> dict | None:
