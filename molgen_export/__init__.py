@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "export_step": "molgen_export.export",
-    "plan_step": "molgen_export.export",
-    "ExportReport": "molgen_export.export",
-    "ExportOptions": "molgen_export.config",
-    "run_preflight": "molgen_export.preflight",
-    "PreflightResult": "molgen_export.preflight",
+    "export_step": "molgen_export.pipeline.export",
+    "plan_step": "molgen_export.pipeline.export",
+    "ExportReport": "molgen_export.pipeline.export",
+    "ExportOptions": "molgen_export.options",
+    "run_preflight": "molgen_export.verify.preflight",
+    "PreflightResult": "molgen_export.verify.preflight",
     **{name: "molgen_export.errors" for name in (
         "MolgenExportError", "UsageError", "ConfigError", "CheckpointNotReadyError", "CheckpointFormatError",
         "UnsafeCheckpointError", "SourceVanishedError", "MappingError", "VerificationError", "OutputError",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from molgen_export.architecture import Qwen3Arch
-from molgen_export.run_config import write_checkpoint_config
+from molgen_export.mapping.architecture import Qwen3Arch
+from molgen_export.mapping.run_config import write_checkpoint_config
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def tiny_arch(vocab_size: int = 320, *, tie: bool = True, n_layers: int = 2) -> 
 def tiny_moe_arch(vocab_size: int = 320, *, num_experts: int = 12, top_k: int = 2,
                   moe_layers: tuple[int, ...] = (0, 1)) -> Qwen3Arch:
     """A tiny Qwen3 MoE (more than 10 experts, so numeric expert order matters)."""
-    from molgen_export.architecture import MoeArch
+    from molgen_export.mapping.architecture import MoeArch
 
     return replace(tiny_arch(vocab_size, tie=False),
                    moe=MoeArch(num_experts=num_experts, top_k=top_k, moe_hidden_dim=48, norm_topk_prob=True,

@@ -5,7 +5,7 @@ A recipe is an `--on-export` template that starts with `@name`; the watcher expa
 like any other command: in a subprocess, with a timeout, its exit status journaled, its failure never stopping the
 watcher. `@lm-eval ARGS` runs `lm_eval run --model hf --model_args pretrained=<step-N-hf>,dtype=float32 --device cpu
 --output_path <export_root>/evals/step-N/lm_eval.json ARGS` (vLLM on a GPU where it is installed); `@smoke` is
-`hooks.on_export_smoke`. Every eval result file is lm-eval's shape, `{"results": {task: {metric: value}}}`, which is
+`molgen_export.integrations.on_export_smoke`. Every eval result file is lm-eval's shape, `{"results": {task: {metric: value}}}`, which is
 also what a command of your own writes into `{eval_dir}` to appear in `molgen-export report`.
 
 This module imports neither torch nor lm_eval at import time: the watcher expands recipes without loading them.
@@ -33,7 +33,7 @@ EVALS_DIR = "evals"
 
 RECIPES: dict[str, str] = {
     # @name: the command it stands for; the user's words after @name are appended.
-    "smoke": "{python} -m hooks.on_export_smoke {hf_dir} {step}",
+    "smoke": "{python} -m molgen_export.integrations.on_export_smoke {hf_dir} {step}",
     "lm-eval": "{python} -m molgen_export.evals lm-eval {hf_dir} --eval-dir {eval_dir}",
 }
 

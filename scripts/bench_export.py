@@ -44,7 +44,7 @@ def log(message: str) -> None:
 
 def flavor_arch(flavor: str):
     """A `Qwen3Arch` with the real dims of a torchtitan Qwen3 flavor (`tiny`: the demo's tiny model)."""
-    from molgen_export.architecture import Qwen3Arch, dims_from_flavor
+    from molgen_export.mapping.architecture import Qwen3Arch, dims_from_flavor
     from molgen_export.demo import tiny_arch
 
     if flavor == "tiny":
@@ -170,7 +170,7 @@ def build_checkpoint(workdir: Path, flavor: str, *, model_only: bool, dtype_name
     import torch.distributed.checkpoint as dcp
 
     from molgen_export.demo import job_config_dict, make_tokenizer, write_base_assets
-    from molgen_export.run_config import write_checkpoint_config
+    from molgen_export.mapping.run_config import write_checkpoint_config
 
     arch = flavor_arch(flavor)
     checkpoint_root = workdir / "run" / "checkpoint"
@@ -240,13 +240,13 @@ with open(target, "wb") as out:
 
 def copy_plan(step_dir: Path) -> tuple[list, int]:
     """(file, offset, length, dtype) of every model tensor's storage bytes, and the model bytes in the step."""
-    from molgen_export import dcp_read
+    from molgen_export.dcp import read
 
-    meta = dcp_read.read_step_metadata(step_dir)
+    meta = read.read_step_metadata(step_dir)
     plan = []
     for fqn, entry in meta.model.items():
         for index, chunk in enumerate(entry.chunks):
-            record = dcp_read.chunk_record(meta, fqn, index)
+            record = read.chunk_record(meta, fqn, index)
             if record is None:
                 raise SystemExit(f"{fqn}: not a plain torch.save record")
             plan.append((str(step_dir / chunk.relative_path), chunk.file_offset + record.data_offset, record.nbytes,
@@ -315,8 +315,8 @@ def run_export(step_dir: Path, out_root: Path, *, verify: bool, dtype: str | Non
 WARM = r"""
 import json, os, shutil, sys, time
 from pathlib import Path
-from molgen_export.config import ExportOptions
-from molgen_export.export import export_step
+from molgen_export.options import ExportOptions
+from molgen_export.pipeline.export import export_step
 step, out, dtype = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 export_step(step, ExportOptions(output=out / "warm-up", skip_logits=True, dtype=dtype))  # imports everything
 shutil.rmtree(out / "warm-up")

@@ -5,7 +5,7 @@ assets (trained here with `tokenizers`), a `c4_test` dataset of generated text, 
 `--experimental.custom_import`, the TorchTitan TOML job file, and the runner YAML.
 
     python scripts/make_titan021_run.py LAUNCH_DIR [--steps 30] [--interval 10]
-    cd LAUNCH_DIR && python -m molgen_export.runner --config run.yaml
+    cd LAUNCH_DIR && python -m molgen_export.runner.launch --config run.yaml
 """
 
 from __future__ import annotations

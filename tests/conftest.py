@@ -35,7 +35,7 @@ def demo_run(demo_run_session, tmp_path):
                   steps=[workdir / "run" / "checkpoint" / p.name for p in demo_run_session.steps],
                   tokenizer_size=demo_run_session.tokenizer_size, arch=demo_run_session.arch)
     # the runner config records absolute paths; point them at the copy
-    from molgen_export.run_config import write_checkpoint_config
+    from molgen_export.mapping.run_config import write_checkpoint_config
 
     write_checkpoint_config(run.checkpoint_root, run.job_config, launch_dir=workdir)
     return run

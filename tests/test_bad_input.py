@@ -11,12 +11,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from molgen_export.config import ExportOptions
+from molgen_export.options import ExportOptions
 from molgen_export.demo import make_demo_run
 from molgen_export.errors import ConfigError, MolgenExportError
-from molgen_export.export import export_step
-from molgen_export.naming import WRAPPER_SEGMENTS, canonical_titan_key
-from molgen_export.run_config import parse_run_config
+from molgen_export.pipeline.export import export_step
+from molgen_export.mapping.keymap import WRAPPER_SEGMENTS, canonical_titan_key
+from molgen_export.mapping.run_config import parse_run_config
 
 
 def _edit_job_config(run, edit) -> None:
@@ -116,7 +116,7 @@ def test_step_folder_with_extra_files(demo_run):
 def test_paths_with_spaces_and_unicode(demo_run_session, tmp_path):
     workdir = tmp_path / "my run ünïcödé 😀"
     shutil.copytree(demo_run_session.workdir, workdir)
-    from molgen_export.run_config import write_checkpoint_config
+    from molgen_export.mapping.run_config import write_checkpoint_config
 
     write_checkpoint_config(workdir / "run" / "checkpoint", workdir / "run" / "job_config.json", launch_dir=workdir)
     report = export_step(workdir / "run" / "checkpoint" / "step-10")

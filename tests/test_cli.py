@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from molgen_export.cli import main, select_steps
-from molgen_export.discover import StepInfo, list_steps, resolve_checkpoint_root
+from molgen_export.dcp.discover import StepInfo, list_steps, resolve_checkpoint_root
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

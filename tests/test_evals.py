@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from molgen_export import evals
-from molgen_export.config import ExportOptions
+from molgen_export.options import ExportOptions
 from molgen_export.errors import UsageError
-from molgen_export.watch import Watcher, WatchOptions
-from molgen_export.watch_hooks import ExportHooks
-from molgen_export.watch_state import read_journal
+from molgen_export.watch.watcher import Watcher, WatchOptions
+from molgen_export.watch.on_export import ExportHooks
+from molgen_export.watch.journal import read_journal
 
 FAST = ExportOptions(skip_logits=True, threads=1)
 QUIET = dict(nice=0, rescan=0, retry_backoff=0.1)
@@ -97,7 +97,7 @@ def test_an_unknown_recipe_is_refused_when_the_watcher_is_made(demo_run):
 
 
 def test_recipes_expand_to_commands_and_templates_pass_unchanged():
-    assert evals.expand_recipe("@smoke") == "{python} -m hooks.on_export_smoke {hf_dir} {step}"
+    assert evals.expand_recipe("@smoke") == "{python} -m molgen_export.integrations.on_export_smoke {hf_dir} {step}"
     assert evals.expand_recipe("  @lm-eval --tasks a,b --limit 5") == (
         "{python} -m molgen_export.evals lm-eval {hf_dir} --eval-dir {eval_dir} --tasks a,b --limit 5")
     template = "python my_eval.py {hf_dir} {eval_dir}/mine.json"

@@ -16,12 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from molgen_export.config import ExportOptions
+from molgen_export.options import ExportOptions
 from tests.helpers.procs import run_group
 from molgen_export.demo import make_demo_run, tiny_arch
 from molgen_export.errors import (CheckpointFormatError, ConfigError, MappingError, VerificationError)
-from molgen_export.export import export_step, output_dir_for
-from molgen_export.fidelity import build_titan_model, compare_logits, fixed_token_batch, load_hf_model
+from molgen_export.pipeline.export import export_step, output_dir_for
+from molgen_export.verify.logit_gate import build_titan_model, compare_logits, fixed_token_batch, load_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_titan_02_names_and_wrapper_prefixes(tmp_path):
 
 def test_fused_wqkv_checkpoint_is_split(tmp_path):
     """A checkpoint holding the fused GQA-interleaved `qkv_linear.wqkv.weight` is split, not mis-mapped."""
-    from molgen_export.naming import split_fused_qkv
+    from molgen_export.mapping.keymap import split_fused_qkv
 
     def fuse(state):
         for layer in (0, 1):
@@ -210,7 +210,7 @@ def test_sharded_two_rank_fsdp_checkpoint(tmp_path):
                     str(reference)], timeout=180, env=env)
     assert len(list((checkpoint_root / "step-10").glob("*.distcp"))) == 2
     from molgen_export.demo import job_config_dict, make_tokenizer, write_base_assets
-    from molgen_export.run_config import write_checkpoint_config
+    from molgen_export.mapping.run_config import write_checkpoint_config
 
     make_tokenizer(tmp_path / "assets")
     arch = tiny_arch(tie=False)
@@ -342,9 +342,9 @@ def test_sharded_output_with_index(demo_run, tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-import molgen_export.write as write
-from molgen_export.export import export_step
-from molgen_export.config import ExportOptions
+import molgen_export.hf.safetensors_writer as write
+from molgen_export.pipeline.export import export_step
+from molgen_export.options import ExportOptions
 stage = sys.argv[2]
 original = getattr(write, stage)
 def killer(*args, **kwargs):

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from molgen_export.config import ExportOptions
-from molgen_export.export import REPORT_FILE, export_step, output_dir_for
+from molgen_export.options import ExportOptions
+from molgen_export.pipeline.export import REPORT_FILE, export_step, output_dir_for
 
 LOOPING_EXPORTER = """
 import sys, time
 from pathlib import Path
-from molgen_export.config import ExportOptions
-from molgen_export.export import export_step
+from molgen_export.options import ExportOptions
+from molgen_export.pipeline.export import export_step
 step = Path(sys.argv[1])
 # warm up (imports of torchtitan and transformers happen inside the first export), so the kills that follow
 # land in reading, checking, writing, verifying and publishing rather than in imports

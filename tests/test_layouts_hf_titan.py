@@ -13,7 +13,7 @@ import torch
 from molgen_export.cli import main
 from molgen_export.demo import make_tokenizer, tiny_arch
 from molgen_export.errors import ConfigError, MappingError, OutputError
-from molgen_export.layouts.folder_read import open_weights_folder
+from molgen_export.convert.weights_folder import open_weights_folder
 
 
 def make_hf_folder(folder: Path, *, tie: bool, dtype: torch.dtype, shard: str | None = None, seed: int = 0) -> Path:
@@ -90,7 +90,7 @@ def test_dcp_import_loads_into_torchtitan_and_computes_hf_logits(tmp_path, tie):
     from torchtitan.components.checkpointer.base import ModelWrapper
 
     from molgen_export.demo import build_model
-    from molgen_export.layouts.hf_titan import import_hf
+    from molgen_export.convert.hf_titan import import_hf
 
     source = make_hf_folder(tmp_path / "hf", tie=tie, dtype=torch.float32, seed=3)
     report = import_hf(source, tmp_path / "titan-init", fmt="dcp")
@@ -113,7 +113,7 @@ def test_dcp_import_loads_into_torchtitan_and_computes_hf_logits(tmp_path, tie):
 
 
 def test_bin_source_with_inv_freq_buffers(hf_folders, tmp_path):
-    from molgen_export.layouts.hf_titan import import_hf
+    from molgen_export.convert.hf_titan import import_hf
 
     source = hf_folders["untied-fp32"]
     bin_dir = tmp_path / "bin"
@@ -142,14 +142,14 @@ def test_unknown_hf_tensor_is_refused_by_name(hf_folders, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.layers.0.self_attn.q_proj.bias" in err and "fix:" in err
     assert not (tmp_path / "out").exists()
-    from molgen_export.layouts.hf_titan import import_hf
+    from molgen_export.convert.hf_titan import import_hf
 
     with pytest.raises(MappingError):
         import_hf(folder, tmp_path / "out")
 
 
 def test_tied_config_with_a_different_head_is_refused(hf_folders, tmp_path):
-    from molgen_export.layouts.hf_titan import import_hf
+    from molgen_export.convert.hf_titan import import_hf
 
     folder = tmp_path / "ambiguous"
     shutil.copytree(hf_folders["untied-fp32"], folder)
@@ -161,8 +161,8 @@ def test_tied_config_with_a_different_head_is_refused(hf_folders, tmp_path):
 
 
 def test_refusals_export_titan_on_hf_names_and_existing_output(hf_folders, tmp_path):
-    from molgen_export.config import ExportOptions
-    from molgen_export.layouts.hf_titan import export_titan, import_hf
+    from molgen_export.options import ExportOptions
+    from molgen_export.convert.hf_titan import export_titan, import_hf
 
     source = hf_folders["untied-fp32"]
     with pytest.raises(ConfigError, match="HF-named weights"):
@@ -185,7 +185,7 @@ def test_nan_in_the_source_is_refused_naming_both_keys(hf_folders, tmp_path):
     from safetensors.torch import save_file
 
     from molgen_export.errors import VerificationError
-    from molgen_export.layouts.hf_titan import import_hf
+    from molgen_export.convert.hf_titan import import_hf
 
     folder = tmp_path / "nan"
     shutil.copytree(hf_folders["untied-fp32"], folder)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from molgen_export.cli import main
-from molgen_export.layouts.jax_arrays import load_embeddings, load_layer, read_manifest
+from molgen_export.convert.jax_arrays import load_embeddings, load_layer, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_numpy_forward_of_a_layer_from_the_arrays_matches_hf(hf_untied, tmp_path
               f"max|Δ| {np.abs(got - hidden_out).max():.3g}")
     top = load_embeddings(out, backend="numpy")
     assert top["tok_embeddings"].shape == (320, 64) and top["lm_head"].shape == (64, 320)
-    from molgen_export.layouts.folder_read import open_weights_folder
+    from molgen_export.convert.weights_folder import open_weights_folder
 
     head = open_weights_folder(hf_untied).read("lm_head.weight").numpy()
     np.testing.assert_array_equal(top["lm_head"], head.T)
@@ -112,7 +112,7 @@ def test_numpy_forward_of_a_layer_from_the_arrays_matches_hf(hf_untied, tmp_path
 def test_bfloat16_arrays_tied_model_and_no_pickle(tmp_path):
     from test_layouts_hf_titan import make_hf_folder
 
-    from molgen_export.layouts.jax_arrays import write_jax_arrays
+    from molgen_export.convert.jax_arrays import write_jax_arrays
 
     source = make_hf_folder(tmp_path / "hf", tie=True, dtype=torch.bfloat16, shard="60KB")
     report = write_jax_arrays(source, tmp_path / "jax", dtype="bfloat16")

@@ -160,7 +160,7 @@ def test_nanogpt_converts_to_gpt2_with_the_same_logits(tmp_path, bias, capsys):
 
 def test_nanogpt_bf16_vocab_crop_and_tokenizer(tmp_path):
     from molgen_export.demo import make_tokenizer
-    from molgen_export.layouts.nanogpt import convert_nanogpt
+    from molgen_export.convert.nanogpt import convert_nanogpt
 
     tokenizer_dir = tmp_path / "tok"
     size = make_tokenizer(tokenizer_dir, vocab_size=300)  # byte-level BPE: fewer tokens than the 320 rows
@@ -179,7 +179,7 @@ def test_nanogpt_bf16_vocab_crop_and_tokenizer(tmp_path):
 
 
 def test_fp16_overflow_is_reported_with_the_tensor(tmp_path, caplog):
-    from molgen_export.layouts.nanogpt import convert_nanogpt
+    from molgen_export.convert.nanogpt import convert_nanogpt
 
     def plant(model):  # a position the verification never uses: the export must warn, not silently write inf
         with torch.no_grad():
@@ -193,7 +193,7 @@ def test_fp16_overflow_is_reported_with_the_tensor(tmp_path, caplog):
 
 
 def test_checkpoint_needing_unsafe_unpickling_is_refused(tmp_path):
-    from molgen_export.layouts.nanogpt import convert_nanogpt
+    from molgen_export.convert.nanogpt import convert_nanogpt
 
     torch.save({"model": {}, "model_args": {}, "config": _Custom()}, tmp_path / "ckpt.pt")
     with pytest.raises(UnsafeCheckpointError) as info:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from molgen_export.errors import MappingError
-from molgen_export.layouts import vllm
+from molgen_export.convert import vllm
 
 
 def qwen3(tie: bool, n_kv_heads: int = 2):

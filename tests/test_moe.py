@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from molgen_export.cli import main
-from molgen_export.config import ExportOptions
+from molgen_export.options import ExportOptions
 from tests.helpers.procs import run_group
 from molgen_export.demo import make_demo_run, tiny_moe_arch
 from molgen_export.errors import VerificationError
-from molgen_export.export import export_step
+from molgen_export.pipeline.export import export_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_moe_export_loads_as_qwen3_moe_and_matches_titan(moe_run, tmp_path):
     tensors = hf_tensors(hf_dir)
     assert "model.layers.0.mlp.gate_proj.weight" in tensors  # the dense layer stays dense
     assert not any("expert_bias" in k for k in tensors)
-    from molgen_export.dcp_read import read_step_metadata
+    from molgen_export.dcp.read import read_step_metadata
 
     meta = read_step_metadata(moe_run.steps[0])
     w1 = meta.read("layers.1.moe.routed_experts.inner_experts.w1_EFD")
@@ -67,9 +67,9 @@ def test_moe_export_loads_as_qwen3_moe_and_matches_titan(moe_run, tmp_path):
 
 def test_swapped_experts_are_caught_by_the_logit_check(moe_run, tmp_path):
     """A mis-ordered expert (what string-sorted ids do) is a large logit difference, not a silent change."""
-    from molgen_export import fidelity
-    from molgen_export.dcp_read import read_step_metadata
-    from molgen_export.naming import canonicalize_keys, split_training_buffers
+    from molgen_export.verify import logit_gate
+    from molgen_export.dcp.read import read_step_metadata
+    from molgen_export.mapping.keymap import canonicalize_keys, split_training_buffers
 
     report = export_step(moe_run.steps[0], ExportOptions(output=tmp_path, dtype="float32"))
     hf_dir = Path(report.output_dir)
@@ -77,13 +77,13 @@ def test_swapped_experts_are_caught_by_the_logit_check(moe_run, tmp_path):
     shapes, _ = split_training_buffers({k: e.shape for k, e in meta.model.items()})
     state = {k: meta.read(k) for k in shapes}
     arch = moe_run.arch
-    titan = fidelity.build_titan_model(arch, state, tie=False)
-    hf_model = fidelity.load_hf_model(hf_dir)
-    batches = [fidelity.fixed_token_batch(moe_run.tokenizer_size)]
-    from molgen_export.export import MOE_TOLERANCE_FACTOR
+    titan = logit_gate.build_titan_model(arch, state, tie=False)
+    hf_model = logit_gate.load_hf_model(hf_dir)
+    batches = [logit_gate.fixed_token_batch(moe_run.tokenizer_size)]
+    from molgen_export.pipeline.export import MOE_TOLERANCE_FACTOR
 
     tolerance = ExportOptions().logits_atol * MOE_TOLERANCE_FACTOR  # what the export applies to MoE
-    good = fidelity.compare_logits(titan, hf_model, batches, moe_run.tokenizer_size, tolerance=tolerance)
+    good = logit_gate.compare_logits(titan, hf_model, batches, moe_run.tokenizer_size, tolerance=tolerance)
     assert good.passed
     swapped = dict(state)
     for key in ("w1_EFD", "w2_EDF", "w3_EFD"):
@@ -91,8 +91,8 @@ def test_swapped_experts_are_caught_by_the_logit_check(moe_run, tmp_path):
         value = state[name].clone()
         value[[1, 10]] = value[[10, 1]]
         swapped[name] = value
-    bad_titan = fidelity.build_titan_model(arch, swapped, tie=False)
-    bad = fidelity.compare_logits(bad_titan, hf_model, batches, moe_run.tokenizer_size, tolerance=tolerance)
+    bad_titan = logit_gate.build_titan_model(arch, swapped, tie=False)
+    bad = logit_gate.compare_logits(bad_titan, hf_model, batches, moe_run.tokenizer_size, tolerance=tolerance)
     assert good.max_abs_diff < 1e-5
     assert not bad.passed and bad.max_abs_diff > 1000 * good.max_abs_diff
 
@@ -142,7 +142,7 @@ def test_two_rank_fsdp_moe_checkpoint(tmp_path):
                     str(REPO / "tests" / "helpers" / "sharded_save.py"), str(checkpoint_root / "step-10"), "0",
                     str(reference), "moe"], timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     from molgen_export.demo import job_config_dict, make_tokenizer, write_base_assets
-    from molgen_export.run_config import write_checkpoint_config
+    from molgen_export.mapping.run_config import write_checkpoint_config
 
     make_tokenizer(tmp_path / "assets")
     arch = tiny_moe_arch(moe_layers=(1,))

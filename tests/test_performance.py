@@ -19,10 +19,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from molgen_export import dcp_read, dcp_record, dcp_stream, export_stream, fidelity, naming, write
-from molgen_export.config import ExportOptions
+from molgen_export.dcp import read
+from molgen_export.dcp import torch_save_record
+from molgen_export.dcp import stream
+from molgen_export.pipeline import weight_stream
+from molgen_export.verify import logit_gate
+from molgen_export.mapping import keymap
+from molgen_export.hf import safetensors_writer
+from molgen_export.options import ExportOptions
 from molgen_export.errors import VerificationError
-from molgen_export.export import ExportReport, _plan, _Timer, export_step
+from molgen_export.pipeline.export import ExportReport, _plan, _Timer, export_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,10 +42,10 @@ def _save(state: dict, step_dir: Path) -> None:
 
 
 def _non_model_ranges(step_dir: Path) -> dict[str, list[tuple[int, int]]]:
-    metadata = dcp_read.load_metadata_object(step_dir)
+    metadata = read.load_metadata_object(step_dir)
     ranges: dict[str, list[tuple[int, int]]] = {}
     for index, info in metadata.storage_data.items():
-        if not dcp_read.is_model_key(index.fqn):
+        if not read.is_model_key(index.fqn):
             ranges.setdefault(str(step_dir / info.relative_path), []).append((info.offset, info.offset + info.length))
     return ranges
 
@@ -92,19 +98,19 @@ def test_export_reads_model_bytes_only_never_optimizer_bytes(demo_run, monkeypat
 def test_read_paths_agree(demo_run):
     """In place, torch.load and the public DCP reader give the same tensors; the counter says which ran."""
     step = demo_run.steps[0]
-    meta = dcp_read.read_step_metadata(step)
-    direct, through_dcp = dcp_read.ByteCounter(), dcp_read.ByteCounter()
+    meta = read.read_step_metadata(step)
+    direct, through_dcp = read.ByteCounter(), read.ByteCounter()
     transformed = dataclasses.replace(meta, model={
         k: dataclasses.replace(e, chunks=tuple(dataclasses.replace(c, transforms=("test.identity",)) for c in e.chunks))
         for k, e in meta.model.items()}, records={})
     for fqn, entry in meta.model.items():
         chunk = entry.chunks[0]
-        raw = dcp_read._read_range(step / chunk.relative_path, chunk.file_offset, chunk.length)
-        expected = dcp_read.decode_item(fqn, step / chunk.relative_path, chunk, raw)
-        assert torch.equal(dcp_read.read_tensor(meta, fqn, direct), expected)
-        assert torch.equal(dcp_read.read_tensor(transformed, fqn, through_dcp), expected)
+        raw = read._read_range(step / chunk.relative_path, chunk.file_offset, chunk.length)
+        expected = read.decode_item(fqn, step / chunk.relative_path, chunk, raw)
+        assert torch.equal(read.read_tensor(meta, fqn, direct), expected)
+        assert torch.equal(read.read_tensor(transformed, fqn, through_dcp), expected)
         if entry.shape and entry.shape[0] > 3:
-            assert torch.equal(dcp_read.read_rows(meta, fqn, 1, 3), expected[1:3])
+            assert torch.equal(read.read_rows(meta, fqn, 1, 3), expected[1:3])
     assert direct.paths == {"direct": len(meta.model)} and direct.bytes == meta.model_bytes
     assert through_dcp.paths == {"dcp": len(meta.model)}
 
@@ -114,9 +120,9 @@ def test_unrecognised_records_fall_back_to_torch_load(demo_run, tmp_path, monkey
     reference = Path(export_step(step, ExportOptions(output=tmp_path / "a", skip_logits=True)).output_dir)
 
     def not_understood(read, length):
-        raise dcp_record.RecordNotUnderstood("test")
+        raise torch_save_record.RecordNotUnderstood("test")
 
-    monkeypatch.setattr(dcp_read, "locate_tensor", not_understood)
+    monkeypatch.setattr(read, "locate_tensor", not_understood)
     report = export_step(step, ExportOptions(output=tmp_path / "b", skip_logits=True))
     assert report.read_paths == {"torch.load": report.tensors}
     assert report.bytes_read <= 1.05 * report.model_bytes  # each item still read once
@@ -128,13 +134,13 @@ def test_record_locator_matches_torch_load(tmp_path):
     state = {"a": torch.randn(4, 3), "t": torch.randn(3, 4).t(), "b": torch.randn(5).to(torch.bfloat16),
              "s": torch.tensor(2.5), "big": torch.randn(700, 500)}
     _save(state, tmp_path / "step-1")
-    metadata = dcp_read.load_metadata_object(tmp_path / "step-1")
+    metadata = read.load_metadata_object(tmp_path / "step-1")
     shard = (tmp_path / "step-1" / "__0_0.distcp").read_bytes()
     for index, info in metadata.storage_data.items():
         item = shard[info.offset:info.offset + info.length]
-        record = dcp_record.locate_tensor(lambda o, n: item[o:o + n], len(item))
+        record = torch_save_record.locate_tensor(lambda o, n: item[o:o + n], len(item))
         data = torch.frombuffer(bytearray(item), dtype=torch.uint8)[record.data_offset:record.data_offset + record.nbytes]
-        assert torch.equal(dcp_read.view_record(data, record), state[index.fqn])
+        assert torch.equal(read.view_record(data, record), state[index.fqn])
         assert record.is_dense_rows == (index.fqn != "t")
 
 
@@ -144,41 +150,41 @@ def test_pieces_reassemble_exactly_with_bounded_buffers(tmp_path):
     state = {"w": torch.randn(1500, 300), "t": torch.randn(300, 1200).t(), "n": torch.randn(300),
              "optimizer": {"state": torch.randn(3000, 300)}}
     _save(state, tmp_path / "step-1")
-    meta = dcp_read.read_step_metadata(tmp_path / "step-1")
-    counter, buffers = dcp_read.ByteCounter(), {}
+    meta = read.read_step_metadata(tmp_path / "step-1")
+    counter, buffers = read.ByteCounter(), {}
     piece_bytes = 100_000
-    groups = dcp_stream.plan_requests(meta, dcp_stream.disk_order(meta, meta.model), piece_bytes)
+    groups = stream.plan_requests(meta, stream.disk_order(meta, meta.model), piece_bytes)
     got: dict[str, list[torch.Tensor]] = {}
-    for (piece,) in dcp_stream.stream_pieces(meta, groups, counter, piece_bytes=piece_bytes, buffers=buffers):
+    for (piece,) in stream.stream_pieces(meta, groups, counter, piece_bytes=piece_bytes, buffers=buffers):
         got.setdefault(piece.fqn, []).append(piece.tensor.clone())
     assert torch.equal(torch.cat(got["w"]), state["w"]) and len(got["w"]) > 10
     assert torch.equal(torch.cat(got["t"]), state["t"])  # not row-major: read whole, handed out in rows
     assert torch.equal(torch.cat(got["n"]), state["n"])
     assert len(buffers) <= 3 and all(len(b) <= piece_bytes for b in buffers.values())
     # a small item (read whole) with more rows than fit a piece comes out complete too
-    small = dcp_stream.plan_requests(meta, ["n"], piece_bytes=64)
+    small = stream.plan_requests(meta, ["n"], piece_bytes=64)
     assert [(r.row_start, r.row_stop) for (r,) in small] == [(0, 300)]
     assert counter.bytes <= 1.05 * meta.model_bytes
 
 
 def test_mapped_reads_match_and_release_their_pages(tmp_path, monkeypatch):
-    """The opt-in mmap path (dcp_stream.MAP_SHARDS) gives the same pieces and unmaps each one once used."""
+    """The opt-in mmap path (stream.MAP_SHARDS) gives the same pieces and unmaps each one once used."""
     state = {"w": torch.randn(1500, 300), "v": torch.randn(900, 400)}
     _save(state, tmp_path / "step-1")
-    meta = dcp_read.read_step_metadata(tmp_path / "step-1")
-    monkeypatch.setattr(dcp_stream, "MAP_SHARDS", True)
+    meta = read.read_step_metadata(tmp_path / "step-1")
+    monkeypatch.setattr(stream, "MAP_SHARDS", True)
     released: list[int] = []
-    real_release = dcp_stream._Reader.release
+    real_release = stream._Reader.release
 
     def release(self, slot):
         if slot in self.mapped:
             released.append(slot)
         real_release(self, slot)
 
-    monkeypatch.setattr(dcp_stream._Reader, "release", release)
-    groups = dcp_stream.plan_requests(meta, ["w", "v"], 200_000)
+    monkeypatch.setattr(stream._Reader, "release", release)
+    groups = stream.plan_requests(meta, ["w", "v"], 200_000)
     got: dict[str, list[torch.Tensor]] = {}
-    for (piece,) in dcp_stream.stream_pieces(meta, groups, piece_bytes=200_000):
+    for (piece,) in stream.stream_pieces(meta, groups, piece_bytes=200_000):
         got.setdefault(piece.fqn, []).append(piece.tensor.clone())
     assert torch.equal(torch.cat(got["w"]), state["w"]) and torch.equal(torch.cat(got["v"]), state["v"])
     assert len(released) == len(groups)
@@ -191,16 +197,16 @@ def test_head_matching_embedding_at_first_then_differing_is_exported_untied(tmp_
     head[1900:] += 1.0
     _save({"tok_embeddings.weight": embedding, "lm_head.weight": head, "norm.weight": torch.ones(256)},
           tmp_path / "step-1")
-    meta = dcp_read.read_step_metadata(tmp_path / "step-1")
-    sources = {k: naming.TensorSource(k, k, tuple(e.shape)) for k, e in meta.model.items()}
+    meta = read.read_step_metadata(tmp_path / "step-1")
+    sources = {k: keymap.TensorSource(k, k, tuple(e.shape)) for k, e in meta.model.items()}
     mapping = {"tok_embeddings.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight",
                "norm.weight": "model.norm.weight"}
     out = tmp_path / "out"
     out.mkdir()
-    streamer = export_stream.WeightStreamer(
+    streamer = weight_stream.WeightStreamer(
         meta, sources, mapping, torch.bfloat16, (1, 1, 1),
-        lambda planned: write.SafetensorsWriter(out, write.plan_shards(planned, 1 << 40)),
-        dcp_read.ByteCounter(), piece_bytes=256 * 1024)
+        lambda planned: safetensors_writer.SafetensorsWriter(out, safetensors_writer.plan_shards(planned, 1 << 40)),
+        read.ByteCounter(), piece_bytes=256 * 1024)
     outcome = streamer.stream(run_says_tied=True)
     outcome.writer.close()
     assert outcome.tie is False and outcome.rereads > 0 and outcome.tie_finding.warning
@@ -214,16 +220,16 @@ def test_head_matching_embedding_at_first_then_differing_is_exported_untied(tmp_
 def _titan(step_dir: Path, dtype=torch.float32):
     plan = _planned(step_dir, ExportOptions(dtype="float32"))
     heads = (plan.arch.n_heads, plan.arch.n_kv_heads, plan.arch.head_dim)
-    return plan, export_stream.TitanWeights(plan.meta, plan.sources, dtype, heads)
+    return plan, weight_stream.TitanWeights(plan.meta, plan.sources, dtype, heads)
 
 
 def test_layerwise_agrees_with_whole_model(demo_run, tmp_path):
     step = demo_run.steps[-1]
     hf_dir = Path(export_step(step, ExportOptions(output=tmp_path, dtype="float32", skip_logits=True)).output_dir)
     plan, titan = _titan(step)
-    whole = fidelity.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
+    whole = logit_gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
                                    tolerance=1e-3, mode="whole")
-    layerwise = fidelity.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
+    layerwise = logit_gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
                                        tolerance=1e-3, mode="layerwise")
     assert whole.passed and layerwise.passed and layerwise.mode == "layerwise"
     assert layerwise.max_abs_diff < 1e-4 and layerwise.top1_agreement == 1.0
@@ -244,7 +250,7 @@ def test_layerwise_names_the_layer_a_broken_mapping_breaks(demo_run, tmp_path, b
         files[prefix + "self_attn.q_norm.weight"] = files[prefix + "self_attn.k_norm.weight"] * 3.0
     save_file(files, hf_dir / "model.safetensors", metadata={"format": "pt"})
     plan, titan = _titan(step)
-    result = fidelity.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
+    result = logit_gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
                                     tolerance=1e-3, mode="layerwise")
     assert not result.passed and result.first_divergence == f"layer {layer}"
     before = [s for s in result.stages if s["name"] == f"layer {layer - 1}" or s["name"] == "embedding"]
@@ -255,9 +261,9 @@ def test_layerwise_names_the_layer_a_broken_mapping_breaks(demo_run, tmp_path, b
 
 def test_export_fails_with_the_layer_when_the_mapping_is_wrong(demo_run, monkeypatch):
     """End to end: a mapping that swaps w1/w3 in layer 1 is refused, nothing published, the layer named."""
-    import molgen_export.export as export_module
+    import molgen_export.pipeline.export as export_module
 
-    real_map = naming.map_to_hf
+    real_map = keymap.map_to_hf
 
     def swapped(sources, config):
         mapping = real_map(sources, config)
@@ -267,14 +273,14 @@ def test_export_fails_with_the_layer_when_the_mapping_is_wrong(demo_run, monkeyp
         return mapping
 
     monkeypatch.setattr(export_module.naming, "map_to_hf", swapped)
-    monkeypatch.setattr(fidelity, "WHOLE_MODEL_MAX_PARAMS", 0)  # the path big models take
+    monkeypatch.setattr(logit_gate, "WHOLE_MODEL_MAX_PARAMS", 0)  # the path big models take
     with pytest.raises(VerificationError, match="first divergence: layer 1"):
         export_step(demo_run.steps[0])
     assert not export_module.output_dir_for(demo_run.steps[0], ExportOptions()).exists()
 
 
 def test_layerwise_export_report(demo_run, monkeypatch):
-    monkeypatch.setattr(fidelity, "WHOLE_MODEL_MAX_PARAMS", 0)
+    monkeypatch.setattr(logit_gate, "WHOLE_MODEL_MAX_PARAMS", 0)
     report = export_step(demo_run.steps[0])
     assert report.fidelity["mode"] == "layerwise" and report.fidelity["passed"]
     assert report.verify_bytes_read > 0

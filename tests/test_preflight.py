@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from molgen_export import runner
+from molgen_export.runner import launch
 from molgen_export.cli import main
-from molgen_export.config import ExportOptions
-from molgen_export.preflight import run_preflight
+from molgen_export.options import ExportOptions
+from molgen_export.verify.preflight import run_preflight
 from tests.test_runner import stand_in_run
 
 
@@ -56,7 +56,7 @@ def test_runner_does_not_launch_an_unexportable_run(demo_run, tmp_path, caplog, 
     path = stand_in_run(demo_run, tmp_path, steps=10)
     job_file = demo_run.workdir / "job.json"
     job_file.write_text(json.dumps(_unexportable(json.loads(job_file.read_text()))))
-    code = runner.main(["--config", str(path), f"export.preflight={mode}", "export.retries=0"])
+    code = launch.main(["--config", str(path), f"export.preflight={mode}", "export.retries=0"])
     checkpoints = demo_run.workdir / "run2" / "checkpoint"
     if launches:
         assert code == 0 and (checkpoints / "step-10" / ".metadata").is_file()
@@ -71,9 +71,9 @@ def test_runner_does_not_launch_an_unexportable_run(demo_run, tmp_path, caplog, 
 def test_runner_launches_an_exportable_run_after_its_preflight(demo_run, tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="molgen_export.runner")
+    caplog.set_level(logging.INFO, logger="molgen_export.runner.launch")
     path = stand_in_run(demo_run, tmp_path, steps=10)
-    assert runner.main(["--config", str(path)]) == 0
+    assert launch.main(["--config", str(path)]) == 0
     assert "preflight: check key_mapping" in caplog.text
     report = Path(demo_run.workdir / "run2" / "checkpoint-hf" / "step-10-hf" / "export_report.json")
     assert json.loads(report.read_text())["status"] == "exported"

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from molgen_export import cli
-from molgen_export.config import ExportOptions
-from molgen_export.export import export_step
-from molgen_export.run_report import collect_report
-from molgen_export.watch import Watcher, WatchOptions
+from molgen_export.options import ExportOptions
+from molgen_export.pipeline.export import export_step
+from molgen_export.watch.run_report import collect_report
+from molgen_export.watch.watcher import Watcher, WatchOptions
 
 FAST = ExportOptions(skip_logits=True, threads=1)
 QUIET = dict(nice=0, rescan=0, retry_backoff=0.1)

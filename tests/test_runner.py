@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from molgen_export import export, run_config, runner
+from molgen_export.pipeline import export
+from molgen_export.mapping import run_config
+from molgen_export.runner import launch
 from molgen_export.errors import ConfigError
-from molgen_export.watch_state import read_journal
+from molgen_export.watch.journal import read_journal
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -37,7 +39,7 @@ def stand_in_run(demo_run, tmp_path, *, dump: str = "./run2", steps: int = 20, e
     job["checkpoint"].update(enable=True, interval=10)
     job_file = demo_run.workdir / "job.json"
     job_file.write_text(json.dumps(job))
-    command = command or ["{python}", "-m", "hooks.demo_trainer", "--job-config", "{job_config}",
+    command = command or ["{python}", "-m", "molgen_export.integrations.demo_trainer", "--job-config", "{job_config}",
                           "--commit-delay", "0.2", "--exit-code", str(exit_code), *extra]
     return write_yaml(tmp_path / "run.yaml", f"""
 torchtitan:
@@ -59,7 +61,7 @@ def test_config_merge_order_defaults_then_export_yaml_then_run_yaml_then_dotlist
     write_yaml(tmp_path / "export.yaml", "export:\n  dtype: float16\n  threads: 3\n  poll: '30'\n")
     path = write_yaml(tmp_path / "run.yaml", "torchtitan:\n  module: qwen3\n  config: qwen3_0_6b\n"
                                              "export:\n  enabled: true\n  threads: 6\n")
-    config = runner.load_config(path, ["export.poll=5", "torchtitan.nproc_per_node=8"])
+    config = launch.load_config(path, ["export.poll=5", "torchtitan.nproc_per_node=8"])
     assert config.export.enabled and config.export.dtype == "float16"  # export.yaml over the built-in default
     assert config.export.threads == 6  # the run's YAML over export.yaml
     assert config.export.poll == "5" and config.torchtitan.nproc_per_node == 8  # the command line over both
@@ -71,16 +73,16 @@ def test_config_merge_order_defaults_then_export_yaml_then_run_yaml_then_dotlist
 def test_config_errors_name_the_key_and_suggest_the_fix(tmp_path):
     path = write_yaml(tmp_path / "run.yaml", "torchtitan:\n  module: qwen3\n  config: qwen3_0_6b\nexport:\n  enabeld: true\n")
     with pytest.raises(ConfigError, match=r"enabeld.*[Dd]id you mean.*enabled"):
-        runner.load_config(path)
+        launch.load_config(path)
     good = write_yaml(tmp_path / "good.yaml", "torchtitan:\n  module: qwen3\n  config: qwen3_0_6b\n")
     with pytest.raises(ConfigError, match="unknown export dtype"):
-        runner.load_config(good, ["export.dtype=fp8"])
+        launch.load_config(good, ["export.dtype=fp8"])
     with pytest.raises(ConfigError, match="exactly one of module\\+config, job_file or job_config"):
-        runner.plan_run(runner.load_config(good, ["torchtitan.job_file=x.toml"]))
+        launch.plan_run(launch.load_config(good, ["torchtitan.job_file=x.toml"]))
     with pytest.raises(ConfigError, match="does not exist"):
-        runner.load_config(tmp_path / "missing.yaml")
+        launch.load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="the command line"):
-        runner.load_config(good, ["torchtitan.overrides.3=x"])
+        launch.load_config(good, ["torchtitan.overrides.3=x"])
 
 
 def test_export_yaml_documents_every_key_with_the_built_in_default():
@@ -88,9 +90,9 @@ def test_export_yaml_documents_every_key_with_the_built_in_default():
 
     text = (CONFIGS / "export.yaml").read_text()
     values = OmegaConf.to_container(OmegaConf.load(CONFIGS / "export.yaml"))["export"]
-    names = [f.name for f in fields(runner.ExportSection)]
+    names = [f.name for f in fields(launch.ExportSection)]
     assert list(values) == names
-    defaults = runner.ExportSection()
+    defaults = launch.ExportSection()
     lines = text.splitlines()
     for name in names:
         assert values[name] == getattr(defaults, name), name
@@ -99,10 +101,10 @@ def test_export_yaml_documents_every_key_with_the_built_in_default():
 
 
 def test_shipped_configs_load(tmp_path):
-    sample = runner.load_config(CONFIGS / "qwen3_0.6b_export.yaml")
+    sample = launch.load_config(CONFIGS / "qwen3_0.6b_export.yaml")
     assert sample.export.enabled and sample.torchtitan.config == "qwen3_0_6b"
     assert "--checkpoint.enable" in sample.torchtitan.overrides
-    assert runner.load_config(CONFIGS / "demo.yaml").torchtitan.command[:3] == ["{python}", "-m", "hooks.demo_trainer"]
+    assert launch.load_config(CONFIGS / "demo.yaml").torchtitan.command[:3] == ["{python}", "-m", "molgen_export.integrations.demo_trainer"]
 
 
 def test_training_command_defaults_to_torchrun_and_titan_02_toml_is_understood(tmp_path):
@@ -113,7 +115,7 @@ def test_training_command_defaults_to_torchrun_and_titan_02_toml_is_understood(t
     path = write_yaml(tmp_path / "run.yaml", f"torchtitan:\n  job_file: {toml.name}\n  workdir: {tmp_path}\n"
                                              "  dump_folder: ./out\n  nproc_per_node: 4\n"
                                              "  overrides: ['--training.steps', '7', '--checkpoint.interval=5']\n")
-    plan = runner.plan_run(runner.load_config(path))
+    plan = launch.plan_run(launch.load_config(path))
     assert plan.command[:5] == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4"]
     assert plan.command[5:] == ["-m", "torchtitan.train", "--job.config_file", toml.name, "--job.dump_folder", "./out",
                                 "--training.steps", "7", "--checkpoint.interval=5"]
@@ -126,7 +128,7 @@ def test_training_command_defaults_to_torchrun_and_titan_02_toml_is_understood(t
 @pytest.mark.slow
 def test_runner_writes_configs_exports_while_training_and_exits_with_training_code(demo_run, tmp_path, capsys):
     path = stand_in_run(demo_run, tmp_path, exit_code=3)
-    code = runner.main(["--config", str(path), "-q"])
+    code = launch.main(["--config", str(path), "-q"])
     assert code == 3  # training's code (the stand-in exits 2 if job_config.json was not there before it started)
     dump = demo_run.workdir / "run2"
     job = json.loads((dump / "job_config.json").read_text())
@@ -146,7 +148,7 @@ def test_runner_writes_configs_exports_while_training_and_exits_with_training_co
 @pytest.mark.slow
 def test_demo_config_goes_through_torchtitan_config_function_and_verifies_each_export(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = runner.main(["--config", str(CONFIGS / "demo.yaml"), "-q", "torchtitan.overrides=[--training.steps,10]",
+    code = launch.main(["--config", str(CONFIGS / "demo.yaml"), "-q", "torchtitan.overrides=[--training.steps,10]",
                         "export.on_export=null", "export.threads=1", "export.nice=0"])
     assert code == 0
     dump = tmp_path / "demo-run" / "outputs"
@@ -170,7 +172,7 @@ def test_ctrl_c_stops_training_and_the_watcher_cleanly(demo_run, tmp_path, caplo
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     started = time.monotonic()
-    code = runner.main(["--config", str(path)])
+    code = launch.main(["--config", str(path)])
     assert code == 128 + signal.SIGINT  # training died of the forwarded SIGINT
     assert time.monotonic() - started < 60
     assert "SIGINT: stopping training and the watcher" in caplog.text
@@ -181,7 +183,7 @@ def test_ctrl_c_stops_training_and_the_watcher_cleanly(demo_run, tmp_path, caplo
 
 
 def test_launcher_runs_the_runner_on_rank_0_and_training_only_elsewhere():
-    from hooks.launch import launch_rank, runner_argv
+    from molgen_export.integrations.launch import launch_rank, runner_argv
 
     assert launch_rank({}) == 0
     assert launch_rank({"SLURM_PROCID": "3"}) == 3
@@ -197,7 +199,7 @@ def test_worker_role_trains_without_writing_configs_or_watching(demo_run, tmp_pa
     trained = demo_run.workdir / "trained.txt"
     path = stand_in_run(demo_run, tmp_path, command=[
         "{python}", "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])", str(trained), "{job_config}"])
-    assert runner.main(["--config", str(path), "-q", "role=worker"]) == 0
+    assert launch.main(["--config", str(path), "-q", "role=worker"]) == 0
     dump = demo_run.workdir / "run2"
     assert trained.read_text() == str(dump / "job_config.json")  # the command ran, with its placeholders filled
     assert not (dump / "job_config.json").exists() and not (dump / "checkpoint-hf").exists()
@@ -253,26 +255,26 @@ def test_titan_checkpoint_manager_hands_saves_to_a_watcher_process(demo_run):
 
 def test_every_export_option_can_be_set_through_the_yaml_and_reaches_the_export(demo_run, tmp_path):
     """One options source: each ExportOptions / WatchOptions field is an `export:` key (issue 13)."""
-    from molgen_export.config import ExportOptions
-    from molgen_export.watch import WatchOptions
+    from molgen_export.options import ExportOptions
+    from molgen_export.watch.watcher import WatchOptions
 
     chosen = {"output": "exports", "layout": "sibling", "dtype": "float32", "hf_assets": "assets",
               "max_shard_size": "1MB", "skip_logits": False, "logits_atol": 0.002, "device": "cpu", "force": True,
               "allow_expert_bias_drop": True, "threads": 1, "poll": "off", "retries": 0, "retry_backoff": 1.0,
               "locked_recheck": 2.0, "rescan": 60.0, "nice": 0, "on_export": None, "on_export_timeout": 60.0,
               "grace": 0.0}
-    section = {f.name for f in fields(runner.ExportSection)} - {"enabled", "preflight"}
-    options = ({f.name for f in fields(ExportOptions)} | {f.name for f in fields(WatchOptions)}) - runner.SECTION_EXCLUDED
+    section = {f.name for f in fields(launch.ExportSection)} - {"enabled", "preflight"}
+    options = ({f.name for f in fields(ExportOptions)} | {f.name for f in fields(WatchOptions)}) - launch.SECTION_EXCLUDED
     assert section == options == set(chosen)  # nothing declared twice, nothing missing
 
     path = stand_in_run(demo_run, tmp_path, steps=10)
     dotlist = [f"export.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
                for k, v in chosen.items()]
-    config = runner.load_config(path, dotlist)
+    config = launch.load_config(path, dotlist)
     watch = config.export.watch_options()
     for name in {f.name for f in fields(WatchOptions)} & set(chosen):
         assert getattr(watch, name) == chosen[name], name
-    assert runner.main(["--config", str(path), "-q", *dotlist]) == 0
+    assert launch.main(["--config", str(path), "-q", *dotlist]) == 0
     report = json.loads((demo_run.workdir / "exports" / "step-10-hf" / export.REPORT_FILE).read_text())
     for name, value in chosen.items():
         if name in report["options"]:

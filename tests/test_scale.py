@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from molgen_export import discover, export, export_stream, write
-from molgen_export.config import ExportOptions
+from molgen_export.dcp import discover
+from molgen_export.pipeline import export
+from molgen_export.pipeline import weight_stream
+from molgen_export.hf import safetensors_writer
+from molgen_export.options import ExportOptions
 from tests.helpers.synthetic_235b import REGISTRY_LAYERS, make_synthetic_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,10 +113,10 @@ def _plan_and_shards(step_dir: Path, options: ExportOptions):
                                  options={})
     plan = export._plan(step_dir, options, report, export._Timer(report.timings))
     heads = (plan.arch.n_heads, plan.arch.n_kv_heads, plan.arch.head_dim)
-    streamer = export_stream.WeightStreamer(plan.meta, plan.sources, plan.mapping, plan.export_dtype, heads,
+    streamer = weight_stream.WeightStreamer(plan.meta, plan.sources, plan.mapping, plan.export_dtype, heads,
                                             None, None)
     planned = streamer.planned(tie=False)  # the run unties: embedding and head are both written
-    return plan, planned, write.plan_shards(planned, options.max_shard_bytes)
+    return plan, planned, safetensors_writer.plan_shards(planned, options.max_shard_bytes)
 
 
 def test_export_plan_of_235b_in_seconds(step_235b):
@@ -144,7 +147,7 @@ def test_export_plan_of_235b_in_seconds(step_235b):
     assert all(s.size - len(s.header) <= options.max_shard_bytes for s in shards)
     assert sum(s.size - len(s.header) for s in shards) == hf_bytes
     assert len(shards) == math.ceil(hf_bytes / options.max_shard_bytes) == 95
-    at_4gb = write.plan_shards(planned, 4 * 10**9)
+    at_4gb = safetensors_writer.plan_shards(planned, 4 * 10**9)
     assert len(at_4gb) == 118
     print(f"\n235B plan: {plan_seconds:.2f} s (discovery, plan, shard plan; plan_step alone {plan_step_seconds:.2f} s), "
           f"{len(planned)} HF tensors, {hf_bytes / 1e9:.2f} GB bf16 in {len(shards)} shards of <= 5 GB "

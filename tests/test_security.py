@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from molgen_export import export
+from molgen_export.pipeline import export
 from molgen_export.cli import main
-from molgen_export.config import ExportOptions
-from molgen_export.dcp_metadata import read_step_metadata, shard_name_problem
+from molgen_export.options import ExportOptions
+from molgen_export.dcp.metadata import read_step_metadata, shard_name_problem
 from molgen_export.errors import ConfigError, UnsafeCheckpointError
-from molgen_export.export import export_step, plan_step
+from molgen_export.pipeline.export import export_step, plan_step
 
 PACKAGE = Path(__file__).resolve().parents[1] / "molgen_export"
 

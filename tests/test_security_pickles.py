@@ -29,10 +29,14 @@ import torch.serialization
 from torch.distributed.checkpoint import metadata as dcp
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-from molgen_export import dcp_metadata, dcp_read, dcp_record, export, safe_pickle
+from molgen_export.dcp import metadata
+from molgen_export.dcp import read
+from molgen_export.dcp import torch_save_record
+from molgen_export.pipeline import export
+from molgen_export.dcp import safe_pickle
 from molgen_export.cli import main
 from molgen_export.errors import CheckpointFormatError, UnsafeCheckpointError
-from molgen_export.export import export_step
+from molgen_export.pipeline.export import export_step
 
 torch.serialization._get_layout("torch.strided")  # torch fills this cache on first use: fill it before snapshots
 
@@ -102,9 +106,9 @@ def whole(make):
 # -- the cases -----------------------------------------------------------------------------------------------
 
 DTYPE_KEYS = [("torch", "float32"), ("torch", "bfloat16")]
-SPEC_KEYS = sorted(k for k in dcp_metadata._metadata_specs() if k[0] != "torch" or k[1] == "Size") + DTYPE_KEYS
-CLASS_KEYS = [k for k in SPEC_KEYS if isinstance(dcp_metadata._metadata_specs()[k], safe_pickle.Class)]
-FUNCTION_KEYS = [k for k in SPEC_KEYS if isinstance(dcp_metadata._metadata_specs()[k], safe_pickle.Function)]
+SPEC_KEYS = sorted(k for k in metadata._metadata_specs() if k[0] != "torch" or k[1] == "Size") + DTYPE_KEYS
+CLASS_KEYS = [k for k in SPEC_KEYS if isinstance(metadata._metadata_specs()[k], safe_pickle.Class)]
+FUNCTION_KEYS = [k for k in SPEC_KEYS if isinstance(metadata._metadata_specs()[k], safe_pickle.Function)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,25 +133,25 @@ for module, name in SPEC_KEYS:
         CASES.append(Case(f"BUILD-{form}-on-{module}.{name}", after_genuine(glob(module, name) + state + b"b"),
                           UnsafeCheckpointError, "BUILD on"))
 CASES += [
-    Case("BUILD-twice", after_genuine(glob(dcp_metadata._DCP, "StorageMeta") + b")\x81" + dct(save_id=u("a")) + b"b"
+    Case("BUILD-twice", after_genuine(glob(metadata._DCP, "StorageMeta") + b")\x81" + dct(save_id=u("a")) + b"b"
                                       + dct(save_id=u("b")) + b"b"), UnsafeCheckpointError, "already has its state"),
-    Case("BUILD-after-it-is-held", after_genuine(glob(dcp_metadata._DCP, "StorageMeta") + b")\x81" + PUT(FAR)
+    Case("BUILD-after-it-is-held", after_genuine(glob(metadata._DCP, "StorageMeta") + b")\x81" + PUT(FAR)
                                                  + b"\x850" + GET(FAR) + dct(save_id=u("a")) + b"b"),
          UnsafeCheckpointError, "BUILD on"),
-    Case("BUILD-with-itself-as-state", after_genuine(glob(dcp_metadata._DCP, "StorageMeta") + b")\x81" + PUT(FAR)
+    Case("BUILD-with-itself-as-state", after_genuine(glob(metadata._DCP, "StorageMeta") + b")\x81" + PUT(FAR)
                                                      + GET(FAR) + b"b"), UnsafeCheckpointError, "BUILD on"),
     Case("BUILD-on-a-list", after_genuine(b"]}b"), UnsafeCheckpointError, "BUILD on a list"),
     Case("BUILD-on-a-shared-layout", after_genuine(call("torch.serialization", "_get_layout", u("torch.strided"))
                                                    + dct(x=i(1)) + b"b"), UnsafeCheckpointError, "BUILD on"),
-    Case("BUILD-on-a-shared-enum-member", after_genuine(call(dcp_metadata._DCP, "_MEM_FORMAT_ENCODING", i(0))
+    Case("BUILD-on-a-shared-enum-member", after_genuine(call(metadata._DCP, "_MEM_FORMAT_ENCODING", i(0))
                                                         + dct(x=i(1)) + b"b"), UnsafeCheckpointError, "BUILD on"),
-    Case("BUILD-state-naming-__class__", after_genuine(glob(dcp_metadata._DCP, "StorageMeta") + b")\x81"
+    Case("BUILD-state-naming-__class__", after_genuine(glob(metadata._DCP, "StorageMeta") + b")\x81"
                                                        + dct(__class__=u("x")) + b"b"), words="no field"),
-    Case("BUILD-state-naming-__dict__", after_genuine(glob(dcp_metadata._DCP, "Metadata") + b")\x81"
+    Case("BUILD-state-naming-__dict__", after_genuine(glob(metadata._DCP, "Metadata") + b")\x81"
                                                       + dct(__dict__=b"}") + b"b"), words="no field"),
-    Case("BUILD-state-not-a-dict", after_genuine(glob(dcp_metadata._DCP, "Metadata") + b")\x81" + slot_state(x=i(1))
+    Case("BUILD-state-not-a-dict", after_genuine(glob(metadata._DCP, "Metadata") + b")\x81" + slot_state(x=i(1))
                                                  + b"b"), words="refuses its state"),
-    Case("BUILD-TensorProperties-bad-tuple", after_genuine(glob(dcp_metadata._DCP, "TensorProperties") + b")\x81"
+    Case("BUILD-TensorProperties-bad-tuple", after_genuine(glob(metadata._DCP, "TensorProperties") + b")\x81"
                                                            + tup(u("a"), u("b"), b"\x89", i(0), b"\x89") + b"b"),
          words="refuses its state"),
 ]
@@ -156,7 +160,7 @@ HOSTILE_ARGS = {
     ("torch", "Size"): [tup(u("a")), tup(i(1 << 70)), tup(*[i(1)] * 100), u("x"), b"N", glob("torch", "Size"),
                         tup(i(1)) + tup(i(2))],
     ("torch.serialization", "_get_layout"): [u("torch.nope"), i(1), u("__class__"), b"N"],
-    (dcp_metadata._DCP, "_MEM_FORMAT_ENCODING"): [i(99), u("0"), b"\x88", b"N"],
+    (metadata._DCP, "_MEM_FORMAT_ENCODING"): [i(99), u("0"), b"\x88", b"N"],
     ("collections", "OrderedDict"): [lst(i(1), i(2)), lst(tup(b"]", i(1))), u("pairs"), lst(i(1)) + lst(i(2))],
     ("builtins", "set"): [lst(b"]"), lst(b"}"), u("items")],
     ("builtins", "frozenset"): [lst(b"]"), i(3)],
@@ -178,7 +182,7 @@ CASES += [
          "REDUCE calls"),
     Case("NEWOBJ-on-a-function", after_genuine(glob("torch", "Size") + b")\x81"), UnsafeCheckpointError,
          "NEWOBJ on function"),
-    Case("NEWOBJ-with-arguments", after_genuine(glob(dcp_metadata._DCP, "Metadata") + tup(b"}") + b"\x81"),
+    Case("NEWOBJ-with-arguments", after_genuine(glob(metadata._DCP, "Metadata") + tup(b"}") + b"\x81"),
          words="with arguments"),
 ]
 # globals outside the list, by GLOBAL and by STACK_GLOBAL
@@ -187,7 +191,7 @@ OUTSIDE = [("builtins", "getattr"), ("builtins", "eval"), ("builtins", "exec"), 
            ("_codecs", "encode"), ("os", "system"), ("posix", "system"), ("subprocess", "Popen"), ("pickle", "loads"),
            ("torch", "load"), ("torch._utils", "_rebuild_tensor_v2"), ("pathlib", "Path"), ("torch", "Tensor"),
            ("torch.serialization", "_get_layout.cache"), ("torch", "Size.__dict__"),
-           (dcp_metadata._DCP, "Metadata.__init__"), ("torch.distributed.checkpoint.metadata", "os")]
+           (metadata._DCP, "Metadata.__init__"), ("torch.distributed.checkpoint.metadata", "os")]
 for module, name in OUTSIDE:
     CASES.append(Case(f"GLOBAL-{module}.{name}", after_genuine(text_glob(module, name) + b"0" + b"N"),
                       UnsafeCheckpointError, "asks to load"))
@@ -203,7 +207,7 @@ CASES.append(Case("nested-GLOBALs", after_genuine(glob("torch", "Size") + glob("
                   UnsafeCheckpointError, "not by two strings"))
 # opcodes that reach outside plain data, and those of other protocols
 for name, raw in [("INST", b"(ios\nsystem\n"), ("OBJ", glob("torch", "Size") + b"(o"),
-                  ("NEWOBJ_EX", glob(dcp_metadata._DCP, "Metadata") + b")}\x92"), ("EXT1", b"\x82\x01"),
+                  ("NEWOBJ_EX", glob(metadata._DCP, "Metadata") + b")}\x92"), ("EXT1", b"\x82\x01"),
                   ("EXT2", b"\x83\x01\x00"), ("EXT4", b"\x84\x01\x00\x00\x00"), ("PERSID", b"Pstorage\n"),
                   ("BINPERSID", tup(u("storage"), glob("torch", "float32"), u("0"), u("cpu"), i(1)) + b"Q"),
                   ("NEXT_BUFFER", b"\x97"), ("READONLY_BUFFER", b"N\x98")]:
@@ -226,7 +230,7 @@ CASES += [
     Case("deep-marks", after_genuine(b"(" * 100_000 + b"t" * 100_000), words="nested"),
     Case("deep-frozensets", after_genuine(b"(" * 50_000 + b"\x91" * 50_000), words="nested"),
     Case("deep-dicts", after_genuine(b"}" + (u("k") + b"}") * 50_000 + b"s" * 50_000), words="nested"),
-    Case("deep-instances", after_genuine((glob(dcp_metadata._DCP, "StorageMeta") + b")\x81}" + u("save_id")) * 2000
+    Case("deep-instances", after_genuine((glob(metadata._DCP, "StorageMeta") + b")\x81}" + u("save_id")) * 2000
                                          + b"N" + b"sb" * 2000), words="nested"),
     Case("unclosed-marks", whole(lambda g: b"\x80\x04" + b"(" * 1_000_000 + b"N."), words="STOP inside a MARK"),
     # the stream itself
@@ -285,9 +289,9 @@ WATCHED = {
                                               dcp.StorageMeta, dcp._MEM_FORMAT_ENCODING)},
     "filesystem._StorageInfo": _StorageInfo, "torch.Size": torch.Size,
     "torch.serialization._get_layout": torch.serialization._get_layout,
-    "dcp_record._describe_tensor": dcp_record._describe_tensor, "dcp_record._storage_ref": dcp_record._storage_ref,
-    "dcp_metadata._Record": dcp_metadata._Record,
-    **{f"spec {m}.{n}": s for (m, n), s in dcp_metadata._metadata_specs().items() if m != "torch"},
+    "torch_save_record._describe_tensor": torch_save_record._describe_tensor, "torch_save_record._storage_ref": torch_save_record._storage_ref,
+    "metadata._Record": metadata._Record,
+    **{f"spec {m}.{n}": s for (m, n), s in metadata._metadata_specs().items() if m != "torch"},
 }
 
 
@@ -330,11 +334,11 @@ def test_cases_cover_every_listed_global():
 
 def test_genuine_metadata_loads_to_what_torch_loads(genuine, step):
     """Same objects, field for field, as Python's unpickler gives on the genuine bytes; the hint agrees."""
-    ours = dcp_read.load_metadata_object(step)
+    ours = read.load_metadata_object(step)
     assert _canonical(ours) == _canonical(pickle.loads(genuine))  # noqa: S301 - test-made genuine file
-    hint = dcp_metadata.model_ranges_hint(step)
+    hint = metadata.model_ranges_hint(step)
     assert hint and hint == sorted((i.relative_path, i.offset, i.length) for k, i in ours.storage_data.items()
-                                   if dcp_metadata.is_model_key(k.fqn))
+                                   if metadata.is_model_key(k.fqn))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -342,18 +346,18 @@ def test_crafted_metadata_is_refused_and_changes_nothing(case, genuine, step, ca
     before = snapshot()
     (step / ".metadata").write_bytes(case.build(genuine))
     with pytest.raises(case.error) as refused:
-        dcp_read.load_metadata_object(step)
+        read.load_metadata_object(step)
     message = str(refused.value)
     assert str(step) in message and refused.value.hint, message
     assert any(w.lower() in message.lower() for w in case.words.split("|")), message
     assert not _internal(refused.value), message  # a refusal, not a crash of ours turned into one
     with pytest.raises(CheckpointFormatError):
-        dcp_read.read_step_metadata(step)
+        read.read_step_metadata(step)
     with pytest.raises(CheckpointFormatError):
-        dcp_read.referenced_files(step)
+        read.referenced_files(step)
     assert len(export.source_fingerprint(step)) == 64
-    hint = dcp_metadata.model_ranges_hint(step)
-    assert hint is None or all(dcp_metadata.shard_name_problem(name) is None for name, _, _ in hint)
+    hint = metadata.model_ranges_hint(step)
+    assert hint is None or all(metadata.shard_name_problem(name) is None for name, _, _ in hint)
     assert snapshot() == before
 
 
@@ -408,7 +412,7 @@ class _ReferenceUnpickler(pickle.Unpickler):
     """Python's unpickler with the old allow-list (real classes): the reference result for bytes *ours accepted*."""
 
     def find_class(self, module, name):
-        spec = dcp_metadata._metadata_specs().get((module, name))
+        spec = metadata._metadata_specs().get((module, name))
         assert spec is not None, (module, name)
         return super().find_class(module, name)
 
@@ -463,7 +467,7 @@ def _internal(exc: BaseException) -> bool:
 
 def _metadata_outcome(raw: bytes, path: Path, expected) -> str:
     try:
-        ours = dcp_metadata._parse(raw, path)
+        ours = metadata._parse(raw, path)
     except CheckpointFormatError as exc:
         assert not _internal(exc), str(exc)
         return "refused"
@@ -475,8 +479,8 @@ def _metadata_outcome(raw: bytes, path: Path, expected) -> str:
 
 def _data_pickle_outcome(raw: bytes, expected) -> str:
     try:
-        ours = dcp_record.describe_data_pickle(raw)
-    except (dcp_record.RecordNotUnderstood, UnsafeCheckpointError) as exc:
+        ours = torch_save_record.describe_data_pickle(raw)
+    except (torch_save_record.RecordNotUnderstood, UnsafeCheckpointError) as exc:
         assert not _internal(exc), str(exc)
         return "refused"
     return "identical" if ours == expected else "loaded-different"
@@ -484,8 +488,8 @@ def _data_pickle_outcome(raw: bytes, expected) -> str:
 
 def _item_outcome(raw: bytes, expected) -> str:
     try:
-        record = dcp_record.locate_tensor(lambda o, n: raw[o:o + n], len(raw))
-    except (dcp_record.RecordNotUnderstood, UnsafeCheckpointError) as exc:
+        record = torch_save_record.locate_tensor(lambda o, n: raw[o:o + n], len(raw))
+    except (torch_save_record.RecordNotUnderstood, UnsafeCheckpointError) as exc:
         assert not _internal(exc), str(exc)
         return "refused"
     assert 0 <= record.data_offset and record.data_offset + record.nbytes <= len(raw)
@@ -499,14 +503,14 @@ FUZZ_SEEDS = {"metadata": 1, "data.pkl": 2, "item": 3}
 def test_fuzzed_pickles_load_the_same_or_are_refused(genuine, step, capsys):
     """Seeded mutations of a real `.metadata`, `data.pkl` and tensor item: each loads (to what Python's unpickler
     gives on the same bytes, for `.metadata`) or is refused with our error; never a crash, a hang or a change."""
-    meta = dcp_read.read_step_metadata(step)
+    meta = read.read_step_metadata(step)
     chunk = min((c for e in meta.model.values() for c in e.chunks), key=lambda c: c.length)
     item = (step / chunk.relative_path).read_bytes()[chunk.file_offset:chunk.file_offset + chunk.length]
     with zipfile.ZipFile(io.BytesIO(item)) as archive:
         data_pkl = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-    expected = {"metadata": _canonical(dcp_metadata._parse(genuine, step / ".metadata")),
-                "data.pkl": dcp_record.describe_data_pickle(data_pkl),
-                "item": dcp_record.locate_tensor(lambda o, n: item[o:o + n], len(item))}
+    expected = {"metadata": _canonical(metadata._parse(genuine, step / ".metadata")),
+                "data.pkl": torch_save_record.describe_data_pickle(data_pkl),
+                "item": torch_save_record.locate_tensor(lambda o, n: item[o:o + n], len(item))}
     run = {"metadata": (genuine, lambda raw: _metadata_outcome(raw, step / ".metadata", expected["metadata"])),
            "data.pkl": (data_pkl, lambda raw: _data_pickle_outcome(raw, expected["data.pkl"])),
            "item": (item, lambda raw: _item_outcome(raw, expected["item"]))}

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from molgen_export.config import ExportOptions
-from molgen_export.export import export_step
+from molgen_export.options import ExportOptions
+from molgen_export.pipeline.export import export_step
 
 REPO = Path(__file__).resolve().parents[1]
 TF4_PYTHON = Path(os.environ.get("MOLGEN_TRANSFORMERS4_PYTHON", REPO / ".venv-tf4" / "bin" / "python"))
@@ -48,7 +48,7 @@ def _hf4_logits(hf_dir: Path, tokens: torch.Tensor, out: Path) -> tuple[torch.Te
 def _titan_logits(model_config, step: Path, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     import torch.distributed.checkpoint as dcp
 
-    from molgen_export.fidelity import build_titan_model
+    from molgen_export.verify.logit_gate import build_titan_model
 
     with torch.device("meta"):
         model = model_config.build()

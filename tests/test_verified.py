@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from molgen_export import hf_model, naming
+from molgen_export.hf import config_files
+from molgen_export.mapping import keymap
 from molgen_export.cli import main
-from molgen_export.config import ExportOptions
+from molgen_export.options import ExportOptions
 from molgen_export.demo import job_config_dict, make_demo_run, tiny_moe_arch
 from molgen_export.errors import ConfigError, OutputError, VerificationError
-from molgen_export.export import REPORT_FILE, export_step, plan_step
-from molgen_export.fidelity import build_titan_model, load_hf_model
-from molgen_export.run_config import write_checkpoint_config
+from molgen_export.pipeline.export import REPORT_FILE, export_step, plan_step
+from molgen_export.verify.logit_gate import build_titan_model, load_hf_model
+from molgen_export.mapping.run_config import write_checkpoint_config
 
 
 def _titan_layout(run, *, save_config_file: str = "logs/job_config.json", model=None) -> Path:
@@ -131,12 +132,12 @@ def test_yarn_run_is_exported_with_yarn_and_the_gate_proves_it(demo_run, tmp_pat
     torch.testing.assert_close(hf, titan, atol=1e-4, rtol=1e-4)
 
     # the gate measures RoPE: an HF config that drops the scaling (what the exporter used to write) is refused
-    real = hf_model.build_hf_config
+    real = config_files.build_hf_config
 
     def drop_scaling(*args, **kwargs):
         return {**real(*args, **kwargs), "rope_scaling": None}
 
-    monkeypatch.setattr(hf_model, "build_hf_config", drop_scaling)
+    monkeypatch.setattr(config_files, "build_hf_config", drop_scaling)
     with pytest.raises(VerificationError, match="logits") as info:
         export_step(step, ExportOptions(output=tmp_path / "dropped", dtype="float32"))
     detail = next(f.detail for f in info.value.findings if f.name == "logits")
@@ -203,14 +204,14 @@ def test_unknown_model_config_field_is_refused_not_dropped(demo_run):
 
 
 def test_swapped_q_and_k_norm_is_caught_at_step_10_by_the_probe(demo_run, tmp_path, monkeypatch):
-    real = naming.map_to_hf
+    real = keymap.map_to_hf
 
     def swapped(sources, config):
         mapping = real(sources, config)
         return {k: v.replace("q_norm", "@").replace("k_norm", "q_norm").replace("@", "k_norm")
                 for k, v in mapping.items()}
 
-    monkeypatch.setattr(naming, "map_to_hf", swapped)
+    monkeypatch.setattr(keymap, "map_to_hf", swapped)
     with pytest.raises(VerificationError) as info:
         export_step(demo_run.steps[0], ExportOptions(output=tmp_path))
     failed = {f.name: f for f in info.value.findings}
@@ -263,7 +264,7 @@ def test_renumbered_experts_compute_the_same_logits_yet_fail_on_routing(moe_run,
     logits; only the routing comparison sees that HF's expert e is not TorchTitan's expert e."""
     import torch.distributed.checkpoint as dcp
 
-    from molgen_export import fidelity
+    from molgen_export.verify import logit_gate
 
     report = export_step(moe_run.steps[0], ExportOptions(output=tmp_path, dtype="float32"))
     hf = load_hf_model(Path(report.output_dir))
@@ -274,13 +275,13 @@ def test_renumbered_experts_compute_the_same_logits_yet_fail_on_routing(moe_run,
     state = {k: torch.empty_like(v) for k, v in skeleton.state_dict().items()}
     dcp.load(state, checkpoint_id=str(moe_run.steps[0]))
     titan = build_titan_model(config, state, tie=False)
-    tokens = fidelity.fixed_token_batch(300)
+    tokens = logit_gate.fixed_token_batch(300)
     order = torch.tensor([3, 0, 1, 2, *range(4, 12)])
     with torch.no_grad():
         for name, param in hf.model.layers[1].mlp.named_parameters():  # gate rows and every expert tensor
             param.copy_(param[order])
-    with fidelity.RoutingRecorder(titan, hf) as routing:
-        result = fidelity.compare_logits(titan, hf, [tokens], 300, tolerance=1e-3)
+    with logit_gate.RoutingRecorder(titan, hf) as routing:
+        result = logit_gate.compare_logits(titan, hf, [tokens], 300, tolerance=1e-3)
     assert result.passed  # the logits alone cannot tell
     checked = routing.apply(result)
     assert not checked.passed and checked.routing_agreement < 0.9

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from hooks.demo_trainer import save_checkpoint
-from molgen_export import export
-from molgen_export.config import ExportOptions
-from molgen_export.watch import Watcher, WatchOptions
-from molgen_export.watch_fs import filesystem_type, is_network_filesystem, polling_interval, step_dir_for_event
-from molgen_export.watch_state import failure_record_path, read_journal
+from molgen_export.integrations.demo_trainer import save_checkpoint
+from molgen_export.pipeline import export
+from molgen_export.options import ExportOptions
+from molgen_export.watch.watcher import Watcher, WatchOptions
+from molgen_export.watch.events import filesystem_type, is_network_filesystem, polling_interval, step_dir_for_event
+from molgen_export.watch.journal import failure_record_path, read_journal
 from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,9 +171,9 @@ def test_two_watchers_on_one_root_export_each_step_once(demo_run):
 
 
 def test_step_deleted_mid_read_ends_cleanly_and_later_steps_export(demo_run, monkeypatch):
-    from molgen_export import dcp_read
+    from molgen_export.dcp import read
 
-    real_read_step_metadata = dcp_read.read_step_metadata
+    real_read_step_metadata = read.read_step_metadata
     purged = demo_run.checkpoint_root / "step-10"
 
     def read_then_purge(step_dir, *args, **kwargs):
@@ -182,7 +182,7 @@ def test_step_deleted_mid_read_ends_cleanly_and_later_steps_export(demo_run, mon
             shutil.rmtree(purged)  # TorchTitan's keep_latest_k purge, after the metadata, before the shards
         return meta
 
-    monkeypatch.setattr(dcp_read, "read_step_metadata", read_then_purge)
+    monkeypatch.setattr(read, "read_step_metadata", read_then_purge)
     watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(once=True, **QUIET))
     outcomes = watcher.run()
     assert [(o.step, o.status) for o in outcomes] == [(10, "vanished"), (20, "exported")]
@@ -242,9 +242,9 @@ def test_until_pid_drains_and_exits_after_the_process_ends(demo_run):
 
 
 def test_stop_aborts_the_export_in_flight_without_partial_output(demo_run, monkeypatch):
-    from molgen_export import write
+    from molgen_export.hf import publish
 
-    real_publish = write.publish
+    real_publish = publish.publish
     at_publish = threading.Event()
 
     def slow_publish(temp_dir, final_dir):  # the export is complete in its temp dir, one rename from published
@@ -253,7 +253,7 @@ def test_stop_aborts_the_export_in_flight_without_partial_output(demo_run, monke
             time.sleep(0.01)  # the abort lands between these sleeps
         real_publish(temp_dir, final_dir)
 
-    monkeypatch.setattr(write, "publish", slow_publish)
+    monkeypatch.setattr(publish, "publish", slow_publish)
     watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll="off", **QUIET))
     watcher.start()
     assert at_publish.wait(30)
@@ -324,7 +324,7 @@ def test_cli_once_prints_a_line_per_step_and_exits_1_when_a_step_gives_up(demo_r
 
 def test_on_export_hooks_run_at_the_watchers_lower_priority(tmp_path):
     """An lm-eval run after each export must not take the CPU from training: hooks get the watcher's `nice`."""
-    from molgen_export.watch_hooks import ExportHooks
+    from molgen_export.watch.on_export import ExportHooks
 
     base = os.nice(0)
     hooks = ExportHooks('{python} -c "import os; print(os.nice(0))"', tmp_path, 30, lambda: False, nice=5)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from molgen_export import export
-from molgen_export.config import ExportOptions
-from molgen_export.watch import Watcher, WatchOptions
-from molgen_export.watch_state import JOURNAL_FILE, export_root_for, read_journal
+from molgen_export.pipeline import export
+from molgen_export.options import ExportOptions
+from molgen_export.watch.watcher import Watcher, WatchOptions
+from molgen_export.watch.journal import JOURNAL_FILE, export_root_for, read_journal
 from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import sys
 
 import torch.distributed as dist
 
-from molgen_export import export_stream
+from molgen_export.pipeline import weight_stream
 from molgen_export.cli import main
 
 
@@ -14,6 +14,6 @@ def failing(self, tie):
     return original(self, tie)
 
 
-original = export_stream.WeightStreamer.stream_known_tie
-export_stream.WeightStreamer.stream_known_tie = failing
+original = weight_stream.WeightStreamer.stream_known_tie
+weight_stream.WeightStreamer.stream_known_tie = failing
 sys.exit(main(sys.argv[1:]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hooks.demo_trainer import save_checkpoint
+from molgen_export.integrations.demo_trainer import save_checkpoint
 from molgen_export.demo import build_model, tiny_arch, titan_checkpoint_state
 
 

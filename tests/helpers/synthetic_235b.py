@@ -290,8 +290,8 @@ def write_step(step_dir: Path, metadata, files: dict[str, int]) -> None:
 
 def arch_235b(n_layers: int = REGISTRY_LAYERS):
     """The `Qwen3Arch` of the registry config (with `n_layers` layers), for the base assets' config.json."""
-    from molgen_export.architecture import MoeArch, Qwen3Arch
-    from molgen_export.run_config import _dims_from_titan03_model
+    from molgen_export.mapping.architecture import MoeArch, Qwen3Arch
+    from molgen_export.mapping.run_config import _dims_from_titan03_model
 
     dims = _dims_from_titan03_model(registry_config(n_layers).to_dict())
     return Qwen3Arch(vocab_size=dims.vocab_size, dim=dims.dim, n_layers=n_layers, n_heads=dims.n_heads,
@@ -316,7 +316,7 @@ def make_synthetic_step(workdir: Path, n_layers: int = REGISTRY_LAYERS, *, ranks
     from tokenizers import Tokenizer
 
     from molgen_export.demo import job_config_dict, make_tokenizer, write_base_assets
-    from molgen_export.run_config import write_checkpoint_config
+    from molgen_export.mapping.run_config import write_checkpoint_config
 
     workdir = Path(workdir)
     assets = workdir / "assets"

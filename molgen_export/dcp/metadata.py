@@ -1,0 +1,726 @@
+"""A DCP step's `.metadata`, read by a pickle reader that can change nothing: which model tensors it holds and where.
+
+Nothing else of the step is read here. `.metadata` is a pickle that other people write (a shared cluster, a
+downloaded checkpoint), so it goes through `safe_pickle`, never through Python's unpickler: its globals resolve
+to our own constructors for DCP's metadata dataclasses, `torch.Size`, dtypes, layouts and paths, which build
+fresh objects from plain values (no class object is ever handed to the stream, so nothing can be poisoned).
+The result is then checked field by field, and every shard path it names must be a plain file name inside
+the step folder (`check_shard_name`) before anything else sees it. `model_ranges_hint` reads the same names
+into inert records, before DCP is even imported, to start the disk early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from molgen_export.dcp import safe_pickle
+from molgen_export.dcp.discover import METADATA_FILE
+from molgen_export.errors import CheckpointFormatError, SourceVanishedError, UnsafeCheckpointError
+
+logger = logging.getLogger(__name__)
+
+NON_MODEL_PREFIXES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+"""Top-level entries TorchTitan saves beside the model FQNs."""
+
+MAX_METADATA_BYTES = 1 << 30
+"""Largest `.metadata` read (a 70B model on 1024 ranks writes tens of MB)."""
+MAX_DIMS = 64
+"""Most dimensions of a `torch.Size` in the metadata."""
+MAX_PATH_CHARS = 4096
+"""Longest path (`StorageMeta.checkpoint_id`) built from the metadata."""
+
+_DCP = "torch.distributed.checkpoint.metadata"
+_DCP_CLASSES = (
+    (_DCP, "Metadata"), (_DCP, "TensorStorageMetadata"), (_DCP, "BytesStorageMetadata"),
+    (_DCP, "ChunkStorageMetadata"), (_DCP, "TensorProperties"), (_DCP, "MetadataIndex"), (_DCP, "StorageMeta"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+)
+"""The dataclasses DCP's FileSystemWriter pickles into `.metadata` (torch 2.0 to 2.13): instantiated with NEWOBJ
+and given their state with BUILD, which our reader allows on fresh instances only."""
+_DTYPES = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+_LAYOUTS = {str(value): value for value in vars(torch).values() if isinstance(value, torch.layout)}
+_UNSAFE_HINT = "only export checkpoints written by torch.distributed.checkpoint; if this one is yours, it is damaged"
+_CORRUPT_HINT = "the file is corrupt or truncated; re-save the checkpoint or pick another step"
+
+
+# -- constructors the reader may call: plain values in, fresh objects out ------------------------------------
+
+def _dims(dims) -> tuple[int, ...]:
+    if type(dims) not in (tuple, list) or len(dims) > MAX_DIMS:
+        raise ValueError(f"a size of {type(dims).__name__}, not at most {MAX_DIMS} integers")
+    for d in dims:
+        if type(d) is not int or not -(1 << 63) <= d < 1 << 63:
+            raise ValueError(f"a size holding {type(d).__name__} {d!r:.40}")
+    return tuple(dims)
+
+
+def _path_parts(parts: tuple) -> tuple[str, ...]:
+    if len(parts) > MAX_PATH_CHARS or not all(type(p) is str for p in parts):
+        raise ValueError("a path made of something other than strings")
+    if sum(len(p) for p in parts) > MAX_PATH_CHARS or any("\0" in p for p in parts):
+        raise ValueError(f"a path of more than {MAX_PATH_CHARS} characters, or with a NUL")
+    return parts
+
+
+def _layout(name) -> torch.layout:
+    if type(name) is not str or name not in _LAYOUTS:
+        raise ValueError(f"no layout {name!r:.40}")
+    return _LAYOUTS[name]
+
+
+def _dataclass_spec(cls: type, build=None) -> safe_pickle.Class:
+    """NEWOBJ makes `object.__new__(cls)`; BUILD writes a dict of `cls`'s own field names into that one instance."""
+    names = frozenset(f.name for f in dataclasses.fields(cls))
+
+    def build_fields(obj, state) -> None:
+        if type(state) is not dict:
+            raise ValueError(f"state is a {type(state).__name__}, not a dict of fields")
+        for key in state:
+            if type(key) is not str or key not in names:
+                raise ValueError(f"{cls.__name__} has no field {key!r:.60}")
+        obj.__dict__.update(state)
+
+    return safe_pickle.Class(f"{cls.__module__}.{cls.__name__}", lambda: object.__new__(cls), build or build_fields)
+
+
+@functools.cache
+def _metadata_specs() -> dict[tuple[str, str], safe_pickle.Spec]:
+    import importlib
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, TensorProperties
+
+    specs: dict[tuple[str, str], safe_pickle.Spec] = {}
+    for module, name in _DCP_CLASSES:
+        cls = getattr(importlib.import_module(module), name)
+        specs[(module, name)] = _dataclass_spec(cls)
+    encodings = {member.value: member for member in _MEM_FORMAT_ENCODING}
+    formats = {_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT: torch.contiguous_format,
+               _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST: torch.channels_last,
+               _MEM_FORMAT_ENCODING.TORCH_PRESERVE_FORMAT: torch.preserve_format}
+    build_dict = specs[(_DCP, "TensorProperties")].build
+
+    def build_properties(obj, state) -> None:
+        # TensorProperties.__getstate__ writes (dtype, layout, requires_grad, memory format encoding, pin_memory)
+        if type(state) is not tuple:
+            return build_dict(obj, state)
+        if len(state) != 5:
+            raise ValueError(f"state of {len(state)} values, not 5")
+        dtype, layout, requires_grad, encoding, pin_memory = state
+        if (not isinstance(dtype, torch.dtype) or not isinstance(layout, torch.layout) or type(requires_grad) is not bool
+                or type(pin_memory) is not bool or type(encoding) is not _MEM_FORMAT_ENCODING):
+            raise ValueError("state values of the wrong types")
+        obj.__dict__.update(dtype=dtype, layout=layout, requires_grad=requires_grad, memory_format=formats[encoding],
+                            pin_memory=pin_memory)
+
+    def encoding(value) -> _MEM_FORMAT_ENCODING:
+        if type(value) is not int or value not in encodings:
+            raise ValueError(f"no memory format encoding {value!r:.40}")
+        return encodings[value]
+
+    specs[(_DCP, "TensorProperties")] = _dataclass_spec(TensorProperties, build_properties)
+    specs[(_DCP, "_MEM_FORMAT_ENCODING")] = safe_pickle.Function("_MEM_FORMAT_ENCODING", encoding)
+    specs[("torch", "Size")] = safe_pickle.Function("torch.Size", lambda dims: torch.Size(_dims(dims)))
+    specs[("torch.serialization", "_get_layout")] = safe_pickle.Function("torch.serialization._get_layout", _layout)
+    for name, build in (("PosixPath", pathlib.PosixPath), ("PurePosixPath", pathlib.PurePosixPath),
+                        ("WindowsPath", pathlib.PureWindowsPath), ("PureWindowsPath", pathlib.PureWindowsPath)):
+        specs[("pathlib", name)] = safe_pickle.Function(f"pathlib.{name}",
+                                                        lambda *parts, build=build: build(*_path_parts(parts)))
+    specs.update(_container_specs())
+    specs.update({("torch", name): safe_pickle.Constant(f"torch.{name}", value) for name, value in _DTYPES.items()})
+    return specs
+
+
+def _container_specs() -> dict[tuple[str, str], safe_pickle.Spec]:
+    dict_spec = safe_pickle.Function("collections.OrderedDict", OrderedDict, container="dict")
+    set_spec = safe_pickle.Function("builtins.set", set, container="set")
+    frozenset_spec = safe_pickle.Function("builtins.frozenset", frozenset, container="frozenset")
+    return {("collections", "OrderedDict"): dict_spec, ("builtins", "set"): set_spec,
+            ("builtins", "frozenset"): frozenset_spec, ("__builtin__", "set"): set_spec,
+            ("__builtin__", "frozenset"): frozenset_spec}
+
+
+def _resolve(module: str, name: str) -> safe_pickle.Spec | None:
+    return _metadata_specs().get((module, name))
+
+
+# -- what the result must look like --------------------------------------------------------------------------
+
+_PLAIN = (str, bytes, int, float, bool, type(None), tuple, list, dict, OrderedDict, set, frozenset, torch.Size)
+
+
+@functools.cache
+def _defaults(cls: type) -> dict[str, object]:
+    """Field name -> default of a dataclass (`dataclasses.MISSING` when it has none, or only a factory)."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+class _Shape:
+    """Checks the unpickled object against what DCP writes, field by field (types, required fields, ranges)."""
+
+    def __init__(self, path: Path):
+        from torch.distributed.checkpoint import metadata as dcp
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        self.path = path
+        self.dcp = dcp
+        self.storage_info = _StorageInfo
+
+    def bad(self, what: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{self.path} is not readable DCP metadata: {what}", path=self.path,
+                                     hint=_CORRUPT_HINT)
+
+    def fields(self, obj, cls: type, where: str) -> dict:
+        if type(obj) is not cls:
+            raise self.bad(f"{where} is a {type(obj).__name__}, not {cls.__name__}")
+        own = vars(obj)
+        if len(own) == len(_defaults(cls)) and all(name in own for name in _defaults(cls)):
+            return own  # every field set (what DCP writes): nothing to fill in
+        values = {}
+        for name, default in _defaults(cls).items():
+            if name in own:
+                values[name] = own[name]
+            elif default is not dataclasses.MISSING:
+                values[name] = default
+            else:
+                raise self.bad(f"{where} has no `{name}`")
+        return values
+
+    def of(self, value, types, where: str):
+        if not isinstance(value, types):
+            raise self.bad(f"{where} is a {type(value).__name__}")
+        return value
+
+    def count(self, value, where: str) -> int:
+        if type(value) is not int or not 0 <= value < 1 << 63:
+            raise self.bad(f"{where} is {value!r:.40}, not a byte count")
+        return value
+
+    def size(self, value, where: str) -> torch.Size:
+        if type(value) is not torch.Size:
+            raise self.bad(f"{where} is a {type(value).__name__}, not a torch.Size")
+        return value
+
+    def plain(self, value, where: str) -> None:
+        seen: set[int] = set()
+        todo = [value]
+        while todo:
+            item = todo.pop()
+            if type(item) in (tuple, list, set, frozenset, torch.Size):
+                if id(item) not in seen:
+                    seen.add(id(item))
+                    todo.extend(item)
+            elif type(item) in (dict, OrderedDict):
+                if id(item) not in seen:
+                    seen.add(id(item))
+                    todo.extend(item.keys())
+                    todo.extend(item.values())
+            elif type(item) not in _PLAIN:
+                raise self.bad(f"{where} holds a {type(item).__name__}")
+
+    def metadata(self, obj):
+        dcp = self.dcp
+        if type(obj) is not dcp.Metadata:
+            raise CheckpointFormatError(f"{self.path} does not hold DCP checkpoint metadata", path=self.path,
+                                        hint="point --dcp-path at a step folder written by torch.distributed.checkpoint")
+        top = self.fields(obj, dcp.Metadata, "the metadata")
+        if top["storage_data"] is None:
+            raise CheckpointFormatError(f"{self.path} does not hold DCP checkpoint metadata", path=self.path,
+                                        hint="point --dcp-path at a step folder written by torch.distributed.checkpoint")
+        items = self.of(top["state_dict_metadata"], dict, "state_dict_metadata")
+        for fqn, item in items.items():
+            where = f"state_dict_metadata[{fqn!r:.80}]"
+            self.of(fqn, str, f"a key of state_dict_metadata ({fqn!r:.40})")
+            if type(item) is dcp.BytesStorageMetadata:
+                self.fields(item, dcp.BytesStorageMetadata, where)
+                continue
+            tensor = self.fields(item, dcp.TensorStorageMetadata, where)
+            props = self.fields(tensor["properties"], dcp.TensorProperties, f"{where}.properties")
+            self.of(props["dtype"], torch.dtype, f"{where}.properties.dtype")
+            self.of(props["layout"], torch.layout, f"{where}.properties.layout")
+            self.of(props["memory_format"], torch.memory_format, f"{where}.properties.memory_format")
+            self.of(props["requires_grad"], bool, f"{where}.properties.requires_grad")
+            self.of(props["pin_memory"], bool, f"{where}.properties.pin_memory")
+            size = self.size(tensor["size"], f"{where}.size")
+            for i, chunk in enumerate(self.of(tensor["chunks"], list, f"{where}.chunks")):
+                part = self.fields(chunk, dcp.ChunkStorageMetadata, f"{where}.chunks[{i}]")
+                offsets = self.size(part["offsets"], f"{where}.chunks[{i}].offsets")
+                sizes = self.size(part["sizes"], f"{where}.chunks[{i}].sizes")
+                if len(offsets) != len(size) or len(sizes) != len(size) or min((*offsets, *sizes, 0)) < 0:
+                    raise self.bad(f"{where}.chunks[{i}] is at {tuple(offsets)} of {tuple(sizes)}, "
+                                   f"for a tensor of {tuple(size)}")
+        for index, info in self.of(top["storage_data"], dict, "storage_data").items():
+            key = self.fields(index, dcp.MetadataIndex, "a key of storage_data")
+            fqn = self.of(key["fqn"], str, "a key of storage_data: its fqn")
+            where = f"storage_data[{fqn!r:.80}]"
+            if key["offset"] is not None:
+                self.size(key["offset"], f"{where} offset")
+            if key["index"] is not None:
+                self.of(key["index"], int, f"{where} index")
+            storage = self.fields(info, self.storage_info, where)
+            self.of(storage["relative_path"], str, f"{where}.relative_path")
+            self.count(storage["offset"], f"{where}.offset")
+            self.count(storage["length"], f"{where}.length")
+            transforms = storage.get("transform_descriptors")
+            if transforms is not None:
+                for t in self.of(transforms, (list, tuple), f"{where}.transform_descriptors"):
+                    self.of(t, str, f"{where}.transform_descriptors")
+        self.plain(top["planner_data"], "planner_data")
+        if top["version"] is not None:
+            self.of(top["version"], str, "version")
+        if top["storage_meta"] is not None:
+            meta = self.fields(top["storage_meta"], dcp.StorageMeta, "storage_meta")
+            if meta["checkpoint_id"] is not None:
+                self.of(meta["checkpoint_id"], (str, pathlib.PurePath), "storage_meta.checkpoint_id")
+            for name in ("save_id", "load_id"):
+                if meta[name] is not None:
+                    self.of(meta[name], str, f"storage_meta.{name}")
+            for module in self.of(meta["modules"], list, "storage_meta.modules"):
+                self.of(module, str, "storage_meta.modules")
+        return obj
+
+
+# -- shard paths: plain file names inside the step folder ----------------------------------------------------
+
+def shard_name_problem(name: object) -> str | None:
+    """Why `name` is not a plain file name (no folder, no `..`, no NUL or control character), or None."""
+    if type(name) is not str:
+        return f"a {type(name).__name__}, not a file name"
+    if name in ("", ".", ".."):
+        return "not a file name"
+    if "/" in name or "\\" in name:
+        return "a path, not a plain file name" + (" (absolute)" if name.startswith("/") else "")
+    if len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "not a plain file name (too long, or a control character)"
+    return None
+
+
+def check_shard_name(step_dir: Path, name: object, entry: str) -> None:
+    """Refuse a storage path from `.metadata` that is not a plain file name resolving inside the step folder.
+
+    A symlink is followed: it must end inside the step folder, at a regular file. A name that does not exist
+    passes (`check_shard_files` reports it missing).
+
+    Raises:
+        UnsafeCheckpointError: naming the entry, the path and what is wrong with it.
+    """
+    problem = shard_name_problem(name)
+    if problem is None:
+        path = step_dir / name
+        try:
+            if path.is_symlink():
+                real, root = os.path.realpath(path), os.path.realpath(step_dir)
+                if real == root or os.path.commonpath([real, root]) != root:
+                    problem = f"a symlink to {real}, outside the step folder"
+            if problem is None:
+                mode = os.stat(path).st_mode
+                if not stat.S_ISREG(mode):
+                    problem = "not a regular file"
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            problem = f"not readable ({type(exc).__name__}: {exc})"
+    if problem is not None:
+        raise UnsafeCheckpointError(
+            f"{step_dir / METADATA_FILE} stores {entry} in `{name!s:.200}`, which is {problem}; refusing to read it "
+            "(a crafted .metadata can point the export at files outside the step)",
+            hint="DCP names each shard by a plain file name inside the step folder (`__0_0.distcp`); "
+                 "export only checkpoints written by torch.distributed.checkpoint", path=step_dir)
+
+
+def check_opened_shard(fd: int, path: Path) -> None:
+    """Refuse an opened shard that is not a regular file inside its step folder (where the open ended up,
+    read from /proc on Linux: a symlink swapped in after the metadata was checked is caught here too).
+
+    Raises:
+        UnsafeCheckpointError: it is not.
+    """
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise UnsafeCheckpointError(f"shard {path} is not a regular file; refusing to read it", path=path,
+                                    hint="a DCP shard is a plain file inside the step folder")
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: the check of the names when the metadata was read stands
+        return
+    root = os.path.realpath(path.parent)
+    if not real.startswith(root.rstrip("/") + "/"):
+        raise UnsafeCheckpointError(f"shard {path} resolves to {real}, outside the step folder; refusing to read it",
+                                    path=path, hint="a DCP shard is a plain file inside the step folder")
+
+
+def _confine(step_dir: Path, metadata) -> None:
+    checked: set[str] = set()
+    for index, info in metadata.storage_data.items():
+        if info.relative_path not in checked:
+            check_shard_name(step_dir, info.relative_path, f"`{index.fqn}` (offset {index.offset})")
+            checked.add(info.relative_path)
+
+
+# -- reading -------------------------------------------------------------------------------------------------
+
+def read_metadata_bytes(step_dir: Path) -> bytes:
+    """The bytes of the step's `.metadata`: a regular file (never a FIFO or device) of at most MAX_METADATA_BYTES.
+
+    Raises:
+        FileNotFoundError: there is none.
+        CheckpointFormatError: it is not a regular file, is too large, or cannot be read.
+    """
+    path = step_dir / METADATA_FILE
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointFormatError(f"{path} is not a regular file", path=path,
+                                        hint="DCP writes .metadata as a plain file; pick another step")
+        parts, total = [], 0
+        while True:
+            part = os.read(fd, min(1 << 24, MAX_METADATA_BYTES + 1 - total))
+            if not part:
+                return b"".join(parts)
+            parts.append(part)
+            total += len(part)
+            if total > MAX_METADATA_BYTES:
+                raise CheckpointFormatError(f"{path} is larger than {MAX_METADATA_BYTES >> 20} MiB", path=path,
+                                            hint="DCP metadata is far smaller; the file is not DCP's")
+    finally:
+        os.close(fd)
+
+
+def _refusal(exc: safe_pickle.Refused, path: Path) -> CheckpointFormatError:
+    if exc.kind == safe_pickle.UNKNOWN:
+        return UnsafeCheckpointError(
+            f"{path} asks to load `{exc.module}.{exc.name}`, which is not part of DCP checkpoint metadata; "
+            "refusing to unpickle it (a crafted .metadata can run code)", hint=_UNSAFE_HINT, path=path)
+    if exc.kind == safe_pickle.UNSAFE:
+        return UnsafeCheckpointError(f"{path}: {exc}; refusing to unpickle it (DCP never writes this, a crafted "
+                                     ".metadata does)", hint=_UNSAFE_HINT, path=path)
+    return CheckpointFormatError(f"{path} is not readable DCP metadata ({exc})", path=path, hint=_CORRUPT_HINT)
+
+
+def _parse(raw: bytes, path: Path):
+    try:
+        obj = safe_pickle.load(raw, _resolve)
+    except safe_pickle.Refused as exc:
+        raise _refusal(exc, path) from exc
+    return _Shape(path).metadata(obj)
+
+
+def load_metadata_object(step_dir: Path):
+    """`.metadata` as DCP's `Metadata`, read by `safe_pickle`, checked field by field, its shard paths confined.
+
+    Raises:
+        CheckpointFormatError: missing, unreadable or not DCP metadata.
+        UnsafeCheckpointError: it asks for anything outside DCP's metadata classes, tries to change an object it
+            has no business with, or names a shard outside the step folder.
+        SourceVanishedError: the step folder is gone.
+    """
+    path = step_dir / METADATA_FILE
+    try:
+        raw = read_metadata_bytes(step_dir)
+    except FileNotFoundError as exc:
+        if not step_dir.exists():
+            raise SourceVanishedError(f"{step_dir} disappeared before it could be read", path=step_dir) from exc
+        raise CheckpointFormatError(f"{path} is missing", path=path,
+                                    hint="the checkpoint is incomplete; wait for the save or pick another step") from exc
+    except OSError as exc:
+        raise CheckpointFormatError(f"{path} cannot be read ({exc})", path=path, hint=_CORRUPT_HINT) from exc
+    metadata = _waiting(raw) or _parse(raw, path)
+    _confine(step_dir, metadata)
+    return metadata
+
+
+_NAMES_CACHE: OrderedDict[bytes, tuple[str, ...]] = OrderedDict()
+_NAMES_LOCK = threading.Lock()
+_WAITING: dict[bytes, object] = {}
+"""At most one `Metadata` that `referenced_files` parsed (by the sha256 of its bytes) and nobody holds yet: the
+export's fingerprint comes first, so its parse is handed to `load_metadata_object` (once) and read by
+`model_ranges_hint`, instead of parsing the same bytes three times."""
+
+
+def _waiting(raw: bytes, take: bool = True):
+    """The parsed `Metadata` of exactly these bytes that waits for its one user (removed when `take`), or None."""
+    key = hashlib.sha256(raw).digest()
+    with _NAMES_LOCK:
+        return _WAITING.pop(key, None) if take else _WAITING.get(key)
+
+
+def referenced_files(step_dir: Path, raw: bytes | None = None) -> list[str]:
+    """Every shard file name `.metadata` (its bytes `raw`, else read) refers to, sorted, each confined to the step.
+
+    The names are parsed once per distinct `.metadata` (a small cache keyed by its sha256); the confinement
+    (symlinks) is checked on every call.
+
+    Raises:
+        CheckpointFormatError, UnsafeCheckpointError: as `load_metadata_object`.
+    """
+    path = step_dir / METADATA_FILE
+    raw = read_metadata_bytes(step_dir) if raw is None else raw
+    key = hashlib.sha256(raw).digest()
+    with _NAMES_LOCK:
+        names = _NAMES_CACHE.get(key)
+    if names is None:
+        metadata = _parse(raw, path)
+        _confine(step_dir, metadata)
+        names = tuple(sorted({info.relative_path for info in metadata.storage_data.values()}))
+        with _NAMES_LOCK:
+            _NAMES_CACHE[key] = names
+            while len(_NAMES_CACHE) > 64:
+                _NAMES_CACHE.popitem(last=False)
+            _WAITING.clear()
+            _WAITING[key] = metadata
+    else:
+        for name in names:
+            check_shard_name(step_dir, name, "a shard")
+    return list(names)
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    """Where one saved chunk of a tensor lives."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    relative_path: str
+    file_offset: int
+    length: int
+    transforms: tuple[str, ...] = ()
+    """DCP storage transforms (e.g. compression); such chunks are read through the public DCP reader."""
+
+    @property
+    def row_start(self) -> int:
+        return self.offsets[0] if self.offsets else 0
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the checkpoint as the metadata describes it."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: tuple[ChunkLocation, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def row_elements(self) -> int:
+        """Elements in one row (one index of dim 0); 1 for 0-d and 1-d tensors."""
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_chunked(self) -> bool:
+        """True when every chunk is a whole-row slice (dim-0 sharding, or a single chunk)."""
+        return all(c.offsets[1:] == (0,) * len(c.offsets[1:]) and c.sizes[1:] == self.shape[1:] for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    """The `.metadata` of one step, split into model tensors and everything else."""
+
+    step_dir: Path
+    model: dict[str, TensorEntry]
+    """Model tensors by their checkpoint FQN, in the order the checkpoint lists them."""
+    other_bytes: int
+    """Bytes stored for optimizer, scheduler, dataloader and train state (never read)."""
+    other_keys: int
+    files: dict[str, int] = field(default_factory=dict)
+    """Shard file name -> size on disk when the metadata was read."""
+    extents: dict[str, int] = field(default_factory=dict)
+    """Shard file name -> the byte where its last item (model or not) ends, per the metadata."""
+    records: dict = field(default_factory=dict, compare=False, repr=False)
+    """(fqn, chunk index) -> `TensorRecord`, or None when the chunk is not readable in place (a cache)."""
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(e.stored_bytes for e in self.model.values())
+
+    @property
+    def label(self) -> str:
+        return self.step_dir.name
+
+    def check_files(self) -> None:
+        """Refuse missing or truncated shards (see `check_shard_files`)."""
+        check_shard_files(self)
+
+    def read(self, fqn: str, counter=None) -> torch.Tensor:
+        """One model tensor, chunks reassembled (see `dcp_read.read_tensor`)."""
+        from molgen_export.dcp.read import read_tensor
+
+        return read_tensor(self, fqn, counter)
+
+    def iter(self, fqns: Iterable[str], counter=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(fqn, tensor)` pairs in order, read ahead on a thread (see `dcp_stream.iter_tensors`)."""
+        from molgen_export.dcp.stream import iter_tensors
+
+        return iter_tensors(self, fqns, counter)
+
+
+def is_model_key(fqn: str) -> bool:
+    """True for a model FQN, False for TorchTitan's optimizer/scheduler/dataloader/train_state entries."""
+    return fqn.split(".", 1)[0] not in NON_MODEL_PREFIXES
+
+
+def read_step_metadata(step_dir: Path) -> StepMetadata:
+    """Read `.metadata` and plan where each model tensor's bytes are; no shard data is read.
+
+    Raises:
+        CheckpointFormatError: the metadata is unreadable, or a chunk has no storage entry.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = load_metadata_object(step_dir)
+    locations = {(idx.fqn, tuple(idx.offset) if idx.offset is not None else None): info
+                 for idx, info in metadata.storage_data.items()}
+    model: dict[str, TensorEntry] = {}
+    other_keys = 0
+    for fqn, item in metadata.state_dict_metadata.items():
+        if not is_model_key(fqn) or not isinstance(item, TensorStorageMetadata):
+            other_keys += 1
+            continue
+        chunks = []
+        for chunk in item.chunks:
+            offsets = tuple(int(o) for o in chunk.offsets)
+            info = locations.get((fqn, offsets))
+            if info is None:
+                raise CheckpointFormatError(f"{step_dir / METADATA_FILE} lists tensor `{fqn}` chunk at {offsets} "
+                                            "but no shard holds it", path=step_dir,
+                                            hint="the metadata comes from a different or damaged save")
+            chunks.append(ChunkLocation(offsets, tuple(int(s) for s in chunk.sizes), str(info.relative_path),
+                                        int(info.offset), int(info.length),
+                                        tuple(str(t) for t in info.transform_descriptors or ())))
+        model[fqn] = TensorEntry(fqn, tuple(int(s) for s in item.size), item.properties.dtype, tuple(chunks))
+    model_keys = set(model)
+    other_bytes = sum(info.length for (fqn, _), info in locations.items() if fqn not in model_keys)
+    files = {}
+    extents: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name = str(info.relative_path)
+        extents[name] = max(extents.get(name, 0), int(info.offset) + int(info.length))
+        if name not in files:
+            try:
+                files[name] = (step_dir / name).stat().st_size
+            except FileNotFoundError:
+                files[name] = -1
+    return StepMetadata(step_dir=step_dir, model=model, other_bytes=other_bytes, other_keys=other_keys, files=files,
+                        extents=extents)
+
+
+def check_shard_files(meta: StepMetadata) -> None:
+    """Refuse a step whose shard files are missing or shorter than the metadata says.
+
+    Raises:
+        CheckpointFormatError: naming the file and how many bytes it should hold.
+    """
+    # Every file the metadata names, to its last item: a shard cut short anywhere means a broken save,
+    # even when the model's bytes happen to lie before the cut.
+    for name, end in sorted(meta.extents.items()):
+        size = meta.files.get(name, -1)
+        if size < 0:
+            raise CheckpointFormatError(f"shard {meta.step_dir / name} is missing", path=meta.step_dir / name,
+                                        hint="the checkpoint is incomplete or was partly deleted; pick another step")
+        if size < end:
+            raise CheckpointFormatError(f"shard {meta.step_dir / name} is truncated: {size} bytes, "
+                                        f"the metadata needs at least {end}", path=meta.step_dir / name,
+                                        hint="the shard was cut short (disk full or copy interrupted); re-save or pick another step")
+
+
+
+
+class _Record:
+    """Stands in for a DCP dataclass in `model_ranges_hint`: a fresh record of the fields BUILD gave it."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.fields: dict = {}
+
+
+def _record_spec(module: str, name: str) -> safe_pickle.Class:
+    def build(record: _Record, state) -> None:
+        if type(state) is dict and all(type(k) is str for k in state):
+            record.fields.update(state)
+        else:
+            record.fields["state"] = state
+
+    return safe_pickle.Class(f"{module}.{name}", lambda: _Record(name), build)
+
+
+def _encoding_value(value) -> int:
+    if type(value) is not int:
+        raise ValueError(f"no memory format encoding {value!r:.40}")
+    return value
+
+
+@functools.cache
+def _hint_specs() -> dict[tuple[str, str], safe_pickle.Spec]:
+    """The same names as `_metadata_specs`, mapped to inert records and plain values: nothing of DCP is imported."""
+    specs: dict[tuple[str, str], safe_pickle.Spec] = {key: _record_spec(*key) for key in _DCP_CLASSES}
+    specs[(_DCP, "_MEM_FORMAT_ENCODING")] = safe_pickle.Function("_MEM_FORMAT_ENCODING", _encoding_value)
+    specs[("torch", "Size")] = safe_pickle.Function("torch.Size", _dims)
+    specs[("torch.serialization", "_get_layout")] = safe_pickle.Function("torch.serialization._get_layout", _layout)
+    for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+        specs[("pathlib", name)] = safe_pickle.Function(f"pathlib.{name}", lambda *parts: "/".join(_path_parts(parts)))
+    specs.update(_container_specs())
+    specs.update({("torch", name): safe_pickle.Constant(f"torch.{name}", f"torch.{name}") for name in _DTYPES})
+    return specs
+
+
+def _hint_resolve(module: str, name: str) -> safe_pickle.Spec | None:
+    return _hint_specs().get((module, name))
+
+
+def model_ranges_hint(step_dir: Path) -> list[tuple[str, int, int]] | None:
+    """`(shard, offset, length)` of every model item, read from `.metadata` without importing DCP, or None.
+
+    Only a hint for prefetching (never for reading data): None on anything unexpected, a shard name that is not
+    a plain file name included.
+    """
+    try:
+        raw = read_metadata_bytes(step_dir)
+        parsed = _waiting(raw, take=False)
+        if parsed is not None:  # already parsed (and checked) for the fingerprint
+            return sorted((info.relative_path, info.offset, info.length) for index, info in parsed.storage_data.items()
+                          if is_model_key(index.fqn))
+        root = safe_pickle.load(raw, _hint_resolve)
+        ranges = []
+        for index, info in root.fields["storage_data"].items():
+            fqn, name = index.fields["fqn"], info.fields["relative_path"]
+            offset, length = info.fields["offset"], info.fields["length"]
+            if shard_name_problem(name) or type(fqn) is not str or type(offset) is not int or type(length) is not int:
+                return None
+            if is_model_key(fqn):
+                ranges.append((name, offset, length))
+        return sorted(ranges)
+    except Exception as exc:  # a hint: the real reader reports real problems
+        logger.debug("no prefetch hint from %s: %s", step_dir, exc)
+        return None
