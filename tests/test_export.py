@@ -342,16 +342,16 @@ def test_sharded_output_with_index(demo_run, tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-import molgen_export.hf.safetensors_writer as write
+import molgen_export.hf.publish as publish
 from molgen_export.pipeline.export import export_step
 from molgen_export.options import ExportOptions
 stage = sys.argv[2]
-original = getattr(write, stage)
+original = getattr(publish, stage)
 def killer(*args, **kwargs):
     result = original(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
     return result
-setattr(write, stage, killer)
+setattr(publish, stage, killer)
 export_step(Path(sys.argv[1]), ExportOptions(skip_logits=True))
 """
 
