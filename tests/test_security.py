@@ -15,7 +15,8 @@ import torch
 from molgen_export.pipeline import export
 from molgen_export.cli import main
 from molgen_export.options import ExportOptions
-from molgen_export.dcp.metadata import read_step_metadata, shard_name_problem
+from molgen_export.dcp.metadata import shard_name_problem
+from molgen_export.dcp.read import read_step_metadata
 from molgen_export.errors import ConfigError, UnsafeCheckpointError
 from molgen_export.pipeline.export import export_step, plan_step
 

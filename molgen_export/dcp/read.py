@@ -4,7 +4,8 @@ Each chunk comes from its byte range in its `.distcp` shard. It is read in place
 is understood (`dcp_record`: the storage bytes go straight into the tensor), else decoded with
 `torch.load(weights_only=True)`; chunks stored with DCP transforms (e.g. compression) go through the public
 DCP reader, with `.metadata` still unpickled by ours. `ByteCounter` records the bytes read and which path each
-chunk took. The metadata side is `dcp_metadata` (re-exported here); row-piece streaming is `dcp_stream`.
+chunk took. `StepMetadata` is the plan of a step built here from the object `dcp.metadata` unpickled and
+checked (its entry points are re-exported here); row-piece streaming is `dcp.stream`, which imports this.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from molgen_export.dcp.metadata import (NON_MODEL_PREFIXES, ChunkLocation, StepMetadata, TensorEntry,  # noqa: F401
-                                        check_opened_shard, check_shard_files, is_model_key, load_metadata_object,
-                                        model_ranges_hint, read_metadata_bytes, read_step_metadata,
+from molgen_export.dcp.discover import METADATA_FILE
+from molgen_export.dcp.metadata import (NON_MODEL_PREFIXES, check_opened_shard, is_model_key,  # noqa: F401
+                                        load_metadata_object, model_ranges_hint, read_metadata_bytes,
                                         referenced_files)
 from molgen_export.dcp.torch_save_record import RecordNotUnderstood, TensorRecord, locate_tensor
 from molgen_export.errors import CheckpointFormatError, MolgenExportError, SourceVanishedError, UnsafeCheckpointError
@@ -51,6 +52,163 @@ class ByteCounter:
         """Record that `chunks` chunks were read by `path` (`PATH_DIRECT`, `PATH_TORCH_LOAD` or `PATH_DCP`)."""
         with self._lock:
             self.paths[path] = self.paths.get(path, 0) + chunks
+
+
+@dataclass(frozen=True)
+class ChunkLocation:
+    """Where one saved chunk of a tensor lives."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    relative_path: str
+    file_offset: int
+    length: int
+    transforms: tuple[str, ...] = ()
+    """DCP storage transforms (e.g. compression); such chunks are read through the public DCP reader."""
+
+    @property
+    def row_start(self) -> int:
+        return self.offsets[0] if self.offsets else 0
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the checkpoint as the metadata describes it."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: tuple[ChunkLocation, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def row_elements(self) -> int:
+        """Elements in one row (one index of dim 0); 1 for 0-d and 1-d tensors."""
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_chunked(self) -> bool:
+        """True when every chunk is a whole-row slice (dim-0 sharding, or a single chunk)."""
+        return all(c.offsets[1:] == (0,) * len(c.offsets[1:]) and c.sizes[1:] == self.shape[1:] for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    """The `.metadata` of one step, split into model tensors and everything else."""
+
+    step_dir: Path
+    model: dict[str, TensorEntry]
+    """Model tensors by their checkpoint FQN, in the order the checkpoint lists them."""
+    other_bytes: int
+    """Bytes stored for optimizer, scheduler, dataloader and train state (never read)."""
+    other_keys: int
+    files: dict[str, int] = field(default_factory=dict)
+    """Shard file name -> size on disk when the metadata was read."""
+    extents: dict[str, int] = field(default_factory=dict)
+    """Shard file name -> the byte where its last item (model or not) ends, per the metadata."""
+    records: dict = field(default_factory=dict, compare=False, repr=False)
+    """(fqn, chunk index) -> `TensorRecord`, or None when the chunk is not readable in place (a cache)."""
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(e.stored_bytes for e in self.model.values())
+
+    @property
+    def label(self) -> str:
+        return self.step_dir.name
+
+    def check_files(self) -> None:
+        """Refuse missing or truncated shards (see `check_shard_files`)."""
+        check_shard_files(self)
+
+    def read(self, fqn: str, counter=None) -> torch.Tensor:
+        """One model tensor, chunks reassembled (see `read_tensor`)."""
+        return read_tensor(self, fqn, counter)
+
+
+def read_step_metadata(step_dir: Path) -> StepMetadata:
+    """Read `.metadata` and plan where each model tensor's bytes are; no shard data is read.
+
+    Raises:
+        CheckpointFormatError: the metadata is unreadable, or a chunk has no storage entry.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = load_metadata_object(step_dir)
+    locations = {(idx.fqn, tuple(idx.offset) if idx.offset is not None else None): info
+                 for idx, info in metadata.storage_data.items()}
+    model: dict[str, TensorEntry] = {}
+    other_keys = 0
+    for fqn, item in metadata.state_dict_metadata.items():
+        if not is_model_key(fqn) or not isinstance(item, TensorStorageMetadata):
+            other_keys += 1
+            continue
+        chunks = []
+        for chunk in item.chunks:
+            offsets = tuple(int(o) for o in chunk.offsets)
+            info = locations.get((fqn, offsets))
+            if info is None:
+                raise CheckpointFormatError(f"{step_dir / METADATA_FILE} lists tensor `{fqn}` chunk at {offsets} "
+                                            "but no shard holds it", path=step_dir,
+                                            hint="the metadata comes from a different or damaged save")
+            chunks.append(ChunkLocation(offsets, tuple(int(s) for s in chunk.sizes), str(info.relative_path),
+                                        int(info.offset), int(info.length),
+                                        tuple(str(t) for t in info.transform_descriptors or ())))
+        model[fqn] = TensorEntry(fqn, tuple(int(s) for s in item.size), item.properties.dtype, tuple(chunks))
+    model_keys = set(model)
+    other_bytes = sum(info.length for (fqn, _), info in locations.items() if fqn not in model_keys)
+    files = {}
+    extents: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name = str(info.relative_path)
+        extents[name] = max(extents.get(name, 0), int(info.offset) + int(info.length))
+        if name not in files:
+            try:
+                files[name] = (step_dir / name).stat().st_size
+            except FileNotFoundError:
+                files[name] = -1
+    return StepMetadata(step_dir=step_dir, model=model, other_bytes=other_bytes, other_keys=other_keys, files=files,
+                        extents=extents)
+
+
+def check_shard_files(meta: StepMetadata) -> None:
+    """Refuse a step whose shard files are missing or shorter than the metadata says.
+
+    Raises:
+        CheckpointFormatError: naming the file and how many bytes it should hold.
+    """
+    # Every file the metadata names, to its last item: a shard cut short anywhere means a broken save,
+    # even when the model's bytes happen to lie before the cut.
+    for name, end in sorted(meta.extents.items()):
+        size = meta.files.get(name, -1)
+        if size < 0:
+            raise CheckpointFormatError(f"shard {meta.step_dir / name} is missing", path=meta.step_dir / name,
+                                        hint="the checkpoint is incomplete or was partly deleted; pick another step")
+        if size < end:
+            raise CheckpointFormatError(f"shard {meta.step_dir / name} is truncated: {size} bytes, "
+                                        f"the metadata needs at least {end}", path=meta.step_dir / name,
+                                        hint="the shard was cut short (disk full or copy interrupted); re-save or pick another step")
 
 
 def open_shard(path: Path) -> int:
@@ -310,14 +468,6 @@ def _read_with_dcp(meta: StepMetadata, entry: TensorEntry, counter: ByteCounter 
         counter.add(entry.stored_bytes)
         counter.note(PATH_DCP, len(entry.chunks))
     return target
-
-
-def iter_tensors(meta: StepMetadata, fqns: Iterable[str], counter: ByteCounter | None = None,
-                 prefetch: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(fqn, tensor)` in the given order, read ahead on one thread (see `dcp_stream.iter_tensors`)."""
-    from molgen_export.dcp.stream import iter_tensors as _iter_tensors
-
-    return _iter_tensors(meta, fqns, counter, prefetch)
 
 
 def prefetch(step_dir: Path, ranges: list[tuple[str, int, int]], limit_bytes: int) -> int:

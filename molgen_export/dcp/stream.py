@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import closing
 from dataclasses import dataclass
 
 import torch
@@ -390,16 +389,3 @@ def stream_pieces(source, groups: list[tuple[PieceRequest, ...]], counter: read.
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         reader.close()
-
-
-def iter_tensors(source, fqns: Iterable[str], counter: read.ByteCounter | None = None,
-                 prefetch: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(fqn, tensor)` whole, in the given order, read ahead on a thread while the caller works.
-
-    Memory is bounded by `prefetch + 2` tensors. Errors from the reader surface at the tensor they hit.
-    """
-    order = list(fqns)
-    groups = plan_requests(source, order, whole=order)
-    with closing(stream_pieces(source, groups, counter, depth=max(1, prefetch), readers=1)) as pieces:
-        for (piece,) in pieces:
-            yield piece.fqn, piece.tensor
