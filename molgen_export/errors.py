@@ -82,3 +82,20 @@ class StepLockedError(OutputError):
 
 class DependencyError(MolgenExportError, ImportError):
     """A library the export needs is missing or of a version it cannot use (exit 2)."""
+
+
+class ExportAborted(BaseException):
+    """The export was cancelled (the watcher stopping on SIGINT/SIGTERM); nothing was published.
+
+    A `BaseException`, as `KeyboardInterrupt` is, so no `except Exception` on the way (a retry, a failure record)
+    takes it for a failed export. Raised by `cancel.CancelToken.check` at the points the export polls it.
+
+    Attributes:
+        reason: why the export was cancelled.
+        where: the point of the export that saw the request.
+    """
+
+    def __init__(self, reason: str = "cancelled", where: str = ""):
+        super().__init__(f"{reason} (at {where})" if where else reason)
+        self.reason = reason
+        self.where = where

@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "molgen_export"
 
 RANKS = [
-    ("molgen_export.errors", 0), ("molgen_export.options", 1),
+    ("molgen_export.errors", 0), ("molgen_export.cancel", 0), ("molgen_export.options", 1),
     ("molgen_export.dcp", 2),                 # discover, restricted unpickler, metadata, torch.save records, reading
     ("molgen_export.mapping", 3),             # run config, architecture, TorchTitan <-> HF key map
     ("molgen_export.hf", 4),                  # HF config files, safetensors writer, publish and locks

@@ -242,18 +242,20 @@ def test_until_pid_drains_and_exits_after_the_process_ends(demo_run):
 
 
 def test_stop_aborts_the_export_in_flight_without_partial_output(demo_run, monkeypatch):
+    """The stop comes when the export is complete in its temp dir, report written, one rename from published: it
+    stops at the check before the rename (cooperative: nothing is injected into its thread)."""
     from molgen_export.hf import publish
 
-    real_publish = publish.publish
+    real_write_json = publish.write_json
     at_publish = threading.Event()
 
-    def slow_publish(temp_dir, final_dir):  # the export is complete in its temp dir, one rename from published
-        at_publish.set()
-        for _ in range(500):
-            time.sleep(0.01)  # the abort lands between these sleeps
-        real_publish(temp_dir, final_dir)
+    def stalled_write_json(path, data):
+        real_write_json(path, data)
+        if path.name == export.REPORT_FILE:
+            at_publish.set()
+            assert watcher.cancel.wait(30)  # held here until the stop's grace has run out
 
-    monkeypatch.setattr(publish, "publish", slow_publish)
+    monkeypatch.setattr(publish, "write_json", stalled_write_json)
     watcher = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll="off", **QUIET))
     watcher.start()
     assert at_publish.wait(30)
@@ -261,9 +263,66 @@ def test_stop_aborts_the_export_in_flight_without_partial_output(demo_run, monke
     watcher.stop(grace=0)
     assert watcher.join(30)
     assert [(o.step, o.status) for o in watcher.outcomes] == [(10, "aborted")]
+    assert watcher.outcomes[0].error == "stopped by a signal; nothing was published"
     assert not (watcher.export_root / "step-10-hf").exists()
     assert not list(watcher.export_root.glob(".step-10-hf.tmp-*"))
     assert_no_partial_output(watcher.export_root)
+    with publish.try_lock(watcher.export_root / ".step-10-hf.lock") as held:
+        assert held  # the export's lock was released
+
+
+def test_stop_mid_stream_stops_between_pieces_and_releases_everything(demo_run, monkeypatch):
+    """Cancelled while the weights stream: the export stops at the next piece, the read-ahead threads end, the
+    writer and temp dir go, the lock is free, torch's thread count is the caller's again, and the step exports in
+    full on the next run."""
+    import torch
+
+    from molgen_export.errors import ExportAborted
+    from molgen_export.hf import publish, safetensors_writer
+
+    real_write_part = safetensors_writer.SafetensorsWriter.write_part
+    streaming = threading.Event()
+    returned_at: dict[str, float] = {}
+
+    def stalled_write_part(self, *args, **kwargs):
+        real_write_part(self, *args, **kwargs)
+        if not streaming.is_set():  # the first piece is written; the readers are ahead
+            streaming.set()
+            assert watcher.cancel.wait(30)
+
+    def note(outcome):
+        returned_at[outcome.status] = time.monotonic()
+
+    monkeypatch.setattr(safetensors_writer.SafetensorsWriter, "write_part", stalled_write_part)
+    threads_before = torch.get_num_threads()
+    watcher = Watcher(demo_run.checkpoint_root, ExportOptions(threads=threads_before + 1),
+                      WatchOptions(poll="off", **QUIET), on_outcome=note)
+    seen: list[BaseException] = []
+    real_export_step = export.export_step
+
+    def recording_export_step(*args, **kwargs):
+        try:
+            return real_export_step(*args, **kwargs)
+        except ExportAborted as exc:
+            seen.append(exc)
+            raise
+
+    monkeypatch.setattr(export, "export_step", recording_export_step)
+    watcher.start()
+    assert streaming.wait(30)
+    watcher.stop(grace=0)
+    assert watcher.join(30)
+    assert [(o.step, o.status) for o in watcher.outcomes] == [(10, "aborted")]
+    assert [(e.reason, e.where) for e in seen] == [("stopped by a signal", "between pieces")]
+    assert returned_at["aborted"] - watcher.cancel.requested_at < 2.0  # measured about 1 ms on the demo run
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("molgen-dcp-reader")]
+    assert torch.get_num_threads() == threads_before
+    assert not list(watcher.export_root.glob(".step-10-hf*"))  # no temp dir, no output, no lock file
+    assert_no_partial_output(watcher.export_root)
+
+    monkeypatch.undo()
+    again = Watcher(demo_run.checkpoint_root, FAST, WatchOptions(poll="off", once=True, **QUIET))
+    assert {(o.step, o.status) for o in again.run()} == {(10, "exported"), (20, "exported")}
 
 
 def _watch_process(root: Path, *extra: str) -> subprocess.Popen:

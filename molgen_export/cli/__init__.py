@@ -204,8 +204,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.distributed:
         return _run_distributed(args)
-    if sys.stderr.isatty() and not args.quiet and not args.json:
-        _show_progress()
+    progress = _progress_bars() if sys.stderr.isatty() and not args.quiet and not args.json else None
     options = options_from_args(args, dry_run=False)
     checkpoint_root, steps = discover.resolve_checkpoint_root(args.dcp_path)
     single = len(steps) == 1 and (args.dcp_path.is_file() or discover.step_number(args.dcp_path) is not None)
@@ -242,7 +241,7 @@ def run_export(args: argparse.Namespace) -> int:
                                              output_dir=str(export.output_dir_for(info.step_dir, options)),
                                              status="skipped")
             else:
-                report = export.export_step(info.step_dir, options)
+                report = export.export_step(info.step_dir, options, progress=progress)
         except MolgenExportError as exc:
             if single:
                 raise
@@ -265,14 +264,12 @@ def run_export(args: argparse.Namespace) -> int:
     return code
 
 
-def _show_progress() -> None:
-    """A tqdm bar per export on a terminal (reading, casting and writing the weights)."""
+def _progress_bars():
+    """The `progress` of `export_step` on a terminal: a tqdm bar per export (reading, casting, writing)."""
     from tqdm import tqdm
 
-    from molgen_export.pipeline import weight_stream
-
-    weight_stream.progress_factory = lambda total, label: tqdm(total=total, desc=label, unit="B", unit_scale=True,
-                                                               leave=False, file=sys.stderr)
+    return lambda total, label: tqdm(total=total, desc=label, unit="B", unit_scale=True, leave=False,
+                                     file=sys.stderr)
 
 
 def _run_distributed(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import torch
 from molgen_export.mapping import architecture
 from molgen_export.verify import checks
 from molgen_export.dcp import discover
-from molgen_export.pipeline import export
+from molgen_export.pipeline import export, weight_stream
 from molgen_export.verify import logit_gate
 from molgen_export.mapping import keymap
 from molgen_export.mapping import run_config
@@ -299,7 +299,11 @@ def export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> e
     Raises:
         MolgenExportError: any refusal or failed check; nothing is published then.
     """
-    titan_dir, output_dir = Path(titan_dir), Path(output_dir)
+    with weight_stream.torch_threads(options.threads):  # the caller's thread count comes back afterwards
+        return _export_titan(Path(titan_dir), Path(output_dir), options)
+
+
+def _export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> export.ExportReport:
     if not options.dry_run:
         check_output_dir(output_dir, force=options.force)
     source = open_weights_folder(titan_dir)
@@ -319,8 +323,6 @@ def export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> e
     report.source_fingerprint = source.fingerprint()
     timer = export._Timer(report.timings)
     started = time.perf_counter()
-    if options.threads:
-        torch.set_num_threads(options.threads)
     plan = export.plan_source(source, run, options, report, timer)
     meta_findings = export._metadata_checks(plan, None)
     report.findings = [f.to_json() for f in meta_findings]

@@ -323,14 +323,18 @@ class _Reader:
 
 def stream_pieces(source, groups: list[tuple[PieceRequest, ...]], counter: read.ByteCounter | None = None, *,
                   piece_bytes: int = DEFAULT_PIECE_BYTES, depth: int = 2, readers: int = 2,
-                  stats: StreamStats | None = None,
-                  buffers: dict[int, bytearray] | None = None) -> Iterator[tuple[Piece, ...]]:
+                  stats: StreamStats | None = None, buffers: dict[int, bytearray] | None = None,
+                  cancel=None) -> Iterator[tuple[Piece, ...]]:
     """Yield the pieces of each group in order, up to `depth` groups read ahead by `readers` threads.
 
     Two readers keep both cores copying from the page cache while the disk works on what the kernel was
     told is coming (`posix_fadvise(WILLNEED)` one group ahead of the reads). A piece's tensor may be a view
     of a pooled buffer: it is valid until the next group is requested. Errors from a reader surface at the
     group they hit; closing the iterator lets the reads in flight finish and stops.
+
+    With `cancel` (a `cancel.CancelToken`), a stop request raises `ExportAborted` at the next group, in the
+    caller's thread; the readers skip the requests they have not started, the pool is shut down (waiting for the
+    one read each thread may be in) and the shards are closed before it propagates.
 
     Args:
         source: a `read.StepMetadata` (pieces read in place) or any tensor source (tensors read whole).
@@ -341,6 +345,10 @@ def stream_pieces(source, groups: list[tuple[PieceRequest, ...]], counter: read.
         readers: reader threads.
         stats: filled with where the time went.
         buffers: the buffer pool (slot -> buffer); pass the same dict to reuse buffers across streams.
+        cancel: checked before each group is handed out, and by the readers before each read.
+
+    Raises:
+        ExportAborted: `cancel` was requested.
     """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -355,7 +363,12 @@ def stream_pieces(source, groups: list[tuple[PieceRequest, ...]], counter: read.
     following = 0
 
     def fill(group: tuple[PieceRequest, ...], slots: list[int]) -> tuple[Piece, ...]:
-        return tuple(reader.fill(request, slot) for request, slot in zip(group, slots))
+        pieces = []
+        for request, slot in zip(group, slots):
+            if cancel is not None:
+                cancel.check(f"reading {request.fqn}")
+            pieces.append(reader.fill(request, slot))
+        return tuple(pieces)
 
     pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="molgen-dcp-reader")
 
@@ -376,6 +389,8 @@ def stream_pieces(source, groups: list[tuple[PieceRequest, ...]], counter: read.
                 reader.hint(request)
         submit_more()
         for _ in groups:
+            if cancel is not None:
+                cancel.check("between pieces")
             future, slots = pending.popleft()
             waited = time.perf_counter()
             pieces = future.result()

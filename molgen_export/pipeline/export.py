@@ -31,6 +31,7 @@ from molgen_export.mapping import run_config
 from molgen_export.hf import safetensors_writer
 from molgen_export.hf import publish
 from molgen_export.options import ExportOptions
+from molgen_export.cancel import CancelToken, check_cancel
 from molgen_export.errors import ConfigError, MolgenExportError, OutputError, StepLockedError, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -401,21 +402,30 @@ def plan_step(step_dir: Path, options: ExportOptions | None = None) -> ExportRep
     return export_step(step_dir, ExportOptions(**{**(options or ExportOptions()).__dict__, "dry_run": True}))
 
 
-def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportReport:
+def export_step(step_dir: Path, options: ExportOptions | None = None, *, cancel: CancelToken | None = None,
+                progress: weight_stream.ProgressFactory | None = None) -> ExportReport:
     """Export one complete DCP step folder to a verified HF folder, or explain why not.
 
     Args:
         step_dir: a `step-N` folder holding `.metadata` and `*.distcp` shards.
-        options: export options; defaults when None.
+        options: export options; defaults when None. `options.threads` holds for this export only.
+        cancel: checked between pieces of the stream, before and during the logit gate and before publishing.
+        progress: makes a progress bar for the weight stream (the CLI's tqdm); None: no bar.
 
     Returns:
         The report (also written as `export_report.json` in the export).
 
     Raises:
         MolgenExportError: any refusal; nothing is published when one is raised.
+        ExportAborted: `cancel` was requested; the temporary folder is removed and nothing is published.
     """
     options = options or ExportOptions()
-    step_dir = Path(step_dir)
+    with weight_stream.torch_threads(options.threads):  # the caller's thread count comes back afterwards
+        return _export_step(Path(step_dir), options, cancel, progress)
+
+
+def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | None,
+                 progress: weight_stream.ProgressFactory | None) -> ExportReport:
     info = discover.describe_step(step_dir)
     discover.require_dcp(info)
     output_dir = output_dir_for(step_dir, options)
@@ -423,8 +433,6 @@ def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportR
                           options=options_record(options))
     timer = _Timer(report.timings)
     started = time.perf_counter()
-    if options.threads:
-        torch.set_num_threads(options.threads)
     report.source_fingerprint = source_fingerprint(step_dir)
     plan = _plan(step_dir, options, report, timer)
     meta_findings = _metadata_checks(plan, None)
@@ -438,11 +446,12 @@ def export_step(step_dir: Path, options: ExportOptions | None = None) -> ExportR
         report.timings["total"] = round(time.perf_counter() - started, 4)
         return report
     checks.raise_on_failures(meta_findings, step_dir.name)
-    return export_planned(plan, options, report, timer, output_dir, started)
+    return export_planned(plan, options, report, timer, output_dir, started, cancel=cancel, progress=progress)
 
 
 def export_planned(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, output_dir: Path,
-                   started: float) -> ExportReport:
+                   started: float, *, cancel: CancelToken | None = None,
+                   progress: weight_stream.ProgressFactory | None = None) -> ExportReport:
     """Stream, check, write, verify and publish a planned export into `output_dir` (under its lock).
 
     Without `options.force`, an export already published from the same source, options and assets is kept and
@@ -455,14 +464,16 @@ def export_planned(plan: _Plan, options: ExportOptions, report: ExportReport, ti
             report.timings["total"] = round(time.perf_counter() - started, 4)
             return report
         publish.clean_stale_temp_dirs(output_dir.parent, output_dir.name)
+        check_cancel(cancel, "start")
         temp_dir = publish.make_temp_dir(output_dir.parent, output_dir.name)
         try:
-            _export_into(plan, options, report, timer, temp_dir)
+            _export_into(plan, options, report, timer, temp_dir, cancel=cancel, progress=progress)
             with timer.stage("publish"):
                 report.timings["total"] = round(time.perf_counter() - started, 4)
                 report.status = "exported"
                 report.written = True
                 publish.write_json(temp_dir / REPORT_FILE, report.to_json())
+                check_cancel(cancel, "publish")  # the last point: after the rename the export is published
                 publish.publish(temp_dir, output_dir)
         except BaseException:
             publish.remove_tree(temp_dir)
@@ -511,7 +522,8 @@ def check_expert_bias(plan: _Plan, options: ExportOptions, report: ExportReport,
     return [finding]
 
 
-def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, temp_dir: Path) -> None:
+def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, temp_dir: Path, *,
+                 cancel: CancelToken | None = None, progress: weight_stream.ProgressFactory | None = None) -> None:
     """Stream the weights into `temp_dir`, write configs and tokenizer, verify what is on disk.
 
     Memory stays flat in the model's size (row pieces, see `export_stream`); the optimizer state is never read.
@@ -532,7 +544,7 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
         checks.raise_on_failures(findings, plan.meta.label)
 
     streamer = weight_stream.WeightStreamer(plan.meta, plan.sources, plan.mapping, plan.export_dtype, heads,
-                                            open_writer, counter)
+                                            open_writer, counter, cancel=cancel, progress=progress)
     with timer.stage("stream"):
         outcome = streamer.stream(plan.arch.tie_word_embeddings, after_tie)
     writer = outcome.writer
@@ -555,11 +567,12 @@ def _export_into(plan: _Plan, options: ExportOptions, report: ExportReport, time
     except BaseException:
         writer.abort()
         raise
-    finish_export(plan, options, report, timer, temp_dir, outcome.tie, outcome.planned, findings)
+    finish_export(plan, options, report, timer, temp_dir, outcome.tie, outcome.planned, findings, cancel=cancel)
 
 
 def finish_export(plan: _Plan, options: ExportOptions, report: ExportReport, timer: _Timer, temp_dir: Path,
-                  tie: bool, planned: list[safetensors_writer.PlannedTensor], findings: list[checks.Finding]) -> None:
+                  tie: bool, planned: list[safetensors_writer.PlannedTensor], findings: list[checks.Finding], *,
+                  cancel: CancelToken | None = None) -> None:
     """After the weights are on disk: configs, tokenizer, re-read check, logit check, model card.
 
     Raises:
@@ -582,11 +595,12 @@ def finish_export(plan: _Plan, options: ExportOptions, report: ExportReport, tim
     if options.skip_logits:
         findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
     else:
+        check_cancel(cancel, "logit gate")
         with timer.stage("verify_logits"):
             verify_counter = read.ByteCounter()
             fused = plan.reference is not None and plan.reference.fused_qkv
             titan = weight_stream.TitanWeights(plan.meta, plan.sources, plan.export_dtype, heads, verify_counter,
-                                               keep_fused=fused)
+                                               keep_fused=fused, cancel=cancel)
             limit = plan.tokenizer_size or plan.arch.vocab_size
             # MoE: expert outputs are summed in another order (grouped GEMMs vs per-expert loops), and a token whose
             # router scores nearly tie may pick another expert, so the limit is MOE_TOLERANCE_FACTOR times looser
@@ -606,6 +620,7 @@ def finish_export(plan: _Plan, options: ExportOptions, report: ExportReport, tim
                 f"top-1 agreement {result.top1_agreement:.4f} over {result.tokens} tokens ({result.mode}){routing}"
                 f"{where}"))
         if plan.reference is not None:
+            check_cancel(cancel, "mapping probe")
             with timer.stage("verify_probe"):
                 whole = result.mode == "whole"
                 figures = probe.run_probe(plan, hf_config, tie=tie, tolerance=tolerance, whole=whole,

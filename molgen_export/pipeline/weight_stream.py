@@ -30,12 +30,13 @@ from molgen_export.dcp import read
 from molgen_export.dcp import stream
 from molgen_export.mapping import keymap
 from molgen_export.hf import safetensors_writer
+from molgen_export.cancel import CancelToken, check_cancel
 
 logger = logging.getLogger(__name__)
 
-progress_factory: Callable[[int, str], object] | None = None
-"""Set by the CLI when it writes to a terminal: `factory(total_bytes, label)` makes a progress bar (`total`, `update(n)`,
-`close()`, as tqdm's) for each stream. None (the default, and for the library, the watcher and pipes): no bar."""
+ProgressFactory = Callable[[int, str], object]
+"""`factory(total_bytes, label)` makes a progress bar (`total`, `update(n)`, `close()`, as tqdm's) for one stream;
+the CLI passes one when it writes to a terminal (the library, the watcher and pipes pass none: no bar)."""
 
 CAST_BYTES = 32 << 20
 """Size of the reusable buffer a piece is cast into (a piece is cast in blocks of whole rows)."""
@@ -44,14 +45,17 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @contextmanager
-def torch_threads(n: int):
-    """Run the block with `n` intra-op threads (one thread casts fastest while another one reads)."""
+def torch_threads(n: int | None):
+    """Run the block with `n` intra-op threads (one thread casts fastest while another one reads), then restore
+    the caller's count; `n` None or 0 leaves it as it is."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if n:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if n and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 class Caster:
@@ -120,12 +124,15 @@ class WeightStreamer:
         open_writer: makes the writer for the list of planned tensors.
         counter: counts the bytes read.
         piece_bytes: largest piece read at once.
+        cancel: a `cancel.CancelToken`, checked between pieces and cast blocks (`ExportAborted` when requested).
+        progress: makes a progress bar for the stream; None: no bar.
     """
 
     def __init__(self, source, sources: dict[str, keymap.TensorSource], mapping: dict[str, str], dtype: torch.dtype,
                  arch_heads: tuple[int, int, int],
                  open_writer: Callable[[list[safetensors_writer.PlannedTensor]], safetensors_writer.SafetensorsWriter],
-                 counter: read.ByteCounter, piece_bytes: int = stream.DEFAULT_PIECE_BYTES):
+                 counter: read.ByteCounter, piece_bytes: int = stream.DEFAULT_PIECE_BYTES, *,
+                 cancel: CancelToken | None = None, progress: ProgressFactory | None = None):
         self.source = source
         self.sources = sources
         self.mapping = mapping
@@ -134,6 +141,8 @@ class WeightStreamer:
         self.open_writer = open_writer
         self.counter = counter
         self.piece_bytes = piece_bytes
+        self.cancel = cancel
+        self.progress = progress
         self.stats = stream.StreamStats()
         self.caster = Caster()
         self.seconds = {"screen": 0.0, "write": 0.0, "compare": 0.0}
@@ -148,15 +157,16 @@ class WeightStreamer:
     @contextmanager
     def _streaming(self):
         """One thread for casts, a progress bar when asked for, and the writer aborted if anything fails."""
-        if progress_factory is not None:
+        if self.progress is not None:
             total = sum(math.prod(item.shape) for item in self.sources.values()) * self.dtype.itemsize
-            self._bar = progress_factory(total, getattr(self.source, "label", "export"))
+            self._bar = self.progress(total, getattr(self.source, "label", "export"))
         try:
             with torch_threads(1):
                 yield
         except BaseException:
             if self._outcome is not None:
                 self._outcome.writer.abort()
+            self._buffers.clear()  # the pooled read buffers go now, not with the streamer
             raise
         finally:
             if self._bar is not None:
@@ -170,7 +180,7 @@ class WeightStreamer:
 
     def _stream(self, groups):
         return stream.stream_pieces(self.source, groups, self.counter, piece_bytes=self.piece_bytes,
-                                        stats=self.stats, buffers=self._buffers)
+                                        stats=self.stats, buffers=self._buffers, cancel=self.cancel)
 
     def _emit(self, outcome: StreamOutcome, titan_key: str, row_start: int, tensor: torch.Tensor,
               also_counts_for: str | None = None) -> None:
@@ -179,6 +189,7 @@ class WeightStreamer:
         writer = outcome.writer
         row_bytes = math.prod(tensor.shape[1:]) * self.dtype.itemsize
         for offset, block in self.caster.blocks(tensor, self.dtype):
+            check_cancel(self.cancel, f"writing {hf_key}")
             began = time.perf_counter()
             if checks.any_nonfinite(block):
                 nan, inf = checks.count_nonfinite(block)
@@ -362,13 +373,15 @@ class TitanWeights:
     """The checkpoint's tensors under canonical TorchTitan names, rounded to the export dtype, read on demand.
 
     What the verifier compares the written files against: it reads the checkpoint again (never our output),
-    a layer at a time, into the caller's float32 tensors.
+    a layer at a time, into the caller's float32 tensors. With `cancel`, every read first checks it, so a stop
+    request ends the logit gate at its next layer (`ExportAborted`).
     """
 
     def __init__(self, source, sources: dict[str, keymap.TensorSource], dtype: torch.dtype,
                  arch_heads: tuple[int, int, int], counter: read.ByteCounter | None = None,
-                 piece_bytes: int = 16 << 20, keep_fused: bool = False):
+                 piece_bytes: int = 16 << 20, keep_fused: bool = False, cancel: CancelToken | None = None):
         self.source = source
+        self.cancel = cancel
         self.sources = sources
         self.dtype = dtype
         self.arch_heads = arch_heads
@@ -394,6 +407,7 @@ class TitanWeights:
                                                                         tuple(source.model[item.checkpoint_key].shape))
 
     def _whole(self, titan_key: str) -> torch.Tensor:
+        check_cancel(self.cancel, f"verifying {titan_key}")
         item = self._canonical[titan_key]
         last = self._last  # a fused wqkv feeds three keys; a local copy, as two threads may ask at once
         if last is None or last[0] != item.checkpoint_key:
@@ -421,8 +435,9 @@ class TitanWeights:
             if self._canonical[key].part is not None:
                 targets[key].copy_(self._whole(key).to(self.dtype))
         groups = stream.plan_requests(self.source, stream.disk_order(self.source, direct), self.piece_bytes)
+        check_cancel(self.cancel, "verifying")
         for (piece,) in stream.stream_pieces(self.source, groups, self.counter, piece_bytes=self.piece_bytes,
-                                                 buffers=self._buffers):
+                                                 buffers=self._buffers, cancel=self.cancel):
             target = targets[direct[piece.fqn]]
             for offset, block in self.caster.blocks(piece.tensor, self.dtype):
                 start = piece.row_start + offset
@@ -433,6 +448,7 @@ class TitanWeights:
 
     def rows(self, titan_key: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of a tensor (embedding lookups, head blocks), rounded to the export dtype."""
+        check_cancel(self.cancel, f"verifying {titan_key}")
         item = self._canonical[titan_key]
         if item.part is None and isinstance(self.source, read.StepMetadata):
             tensor = read.read_rows(self.source, item.checkpoint_key, start, stop, self.counter)

@@ -18,7 +18,8 @@ from pathlib import Path
 from molgen_export.dcp import discover
 from molgen_export.pipeline import export
 from molgen_export.options import ExportOptions
-from molgen_export.errors import MolgenExportError, SourceVanishedError, StepLockedError
+from molgen_export.cancel import CancelToken
+from molgen_export.errors import ExportAborted, MolgenExportError, SourceVanishedError, StepLockedError
 from molgen_export.watch.on_export import ExportHooks
 from molgen_export.watch.step_queue import QueuedStep, StepQueue
 from molgen_export.watch.journal import (StepOutcome, failure_record_path, gave_up_before, step_claim,
@@ -27,10 +28,6 @@ from molgen_export.watch.journal import (StepOutcome, failure_record_path, gave_
 logger = logging.getLogger(__name__)
 
 VANISHED_BEFORE_START = "deleted before its export started (keep_latest_k purge?)"
-
-
-class ExportAborted(BaseException):
-    """Raised inside the worker thread to abort the export in flight (the export removes its temp folder)."""
 
 
 class StepExporter:
@@ -46,12 +43,15 @@ class StepExporter:
         record: records an outcome (journal, log, callback).
         finished: True for a step this watcher already settled in this session.
         before_export: called with the step folder before each export.
+        cancel: passed to each export, which stops at its next check once it is requested (`ExportAborted`).
     """
 
     def __init__(self, options: ExportOptions, *, retries: int, retry_backoff: float, locked_recheck: float,
                  queue: StepQueue, hooks: ExportHooks, record: Callable[[StepOutcome], None],
-                 finished: Callable[[int], bool], before_export: Callable[[Path], None] | None = None):
+                 finished: Callable[[int], bool], before_export: Callable[[Path], None] | None = None,
+                 cancel: CancelToken | None = None):
         self.options = options
+        self.cancel = cancel
         self.retries, self.retry_backoff, self.locked_recheck = retries, retry_backoff, locked_recheck
         self.queue, self.hooks, self.record, self.finished = queue, hooks, record, finished
         self.before_export = before_export
@@ -62,7 +62,8 @@ class StepExporter:
         """Settle one step taken from the queue: record its outcome, and requeue it when it must be retried.
 
         Raises:
-            ExportAborted: the export was aborted by a signal (recorded as `aborted`, nothing published).
+            ExportAborted: the export was cancelled (the watcher stopping after its grace); recorded as
+                `aborted`, nothing published.
         """
         step_dir, options = item.step_dir, self.options
         output_dir = export.output_dir_for(step_dir, options)
@@ -121,9 +122,12 @@ class StepExporter:
         try:
             if self.before_export is not None:
                 self.before_export(step_dir)
-            report = export.export_step(step_dir, self.options)
-        except ExportAborted:
+            report = export.export_step(step_dir, self.options, cancel=self.cancel)
+        except ExportAborted as exc:
             self.exporting = None
+            asked = self.cancel.requested_at if self.cancel is not None else None
+            logger.info("step-%d: export stopped %s (%s)", item.step, "" if asked is None else
+                        f"{time.monotonic() - asked:.3f} s after the request", exc)
             self.record(outcome("aborted", error="stopped by a signal; nothing was published", **latency))
             raise
         except StepLockedError:

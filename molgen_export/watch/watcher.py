@@ -11,7 +11,6 @@ signals) and holds the `molgen-export watch` command.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import shutil
@@ -22,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from molgen_export.cancel import CancelToken
 from molgen_export.dcp import discover
+from molgen_export.errors import ExportAborted
 from molgen_export.pipeline import export
 from molgen_export.watch import events
 from molgen_export.options import ExportOptions
@@ -30,7 +31,7 @@ from molgen_export.errors import UsageError
 from molgen_export.watch.on_export import ExportHooks
 from molgen_export.watch.step_queue import StepQueue
 from molgen_export.watch.journal import StepOutcome, append_journal, export_root_for
-from molgen_export.watch.step_export import VANISHED_BEFORE_START, ExportAborted, StepExporter
+from molgen_export.watch.step_export import VANISHED_BEFORE_START, StepExporter
 from molgen_export.hf.publish import process_alive
 
 logger = logging.getLogger(__name__)
@@ -78,12 +79,6 @@ class WatchOptions:
             raise UsageError("retries, retry_backoff and grace must not be negative")
 
 
-def _raise_in_thread(thread: threading.Thread, exc_type: type[BaseException]) -> bool:
-    if thread.ident is None or not thread.is_alive():
-        return False
-    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc_type)) == 1
-
-
 class Watcher:
     """Watches one checkpoint root and exports each complete step once, one at a time, lowest step first.
 
@@ -116,11 +111,13 @@ class Watcher:
         self._hooks = ExportHooks(self.watch_options.on_export, self.export_root,
                                   self.watch_options.on_export_timeout, lambda: self._queue.stopping,
                                   nice=self.watch_options.nice)
+        self.cancel = CancelToken()
+        """Requested when the grace after `stop()` runs out; the export in flight stops at its next check."""
         self._step = StepExporter(self.options, retries=self.watch_options.retries,
                                   retry_backoff=self.watch_options.retry_backoff,
                                   locked_recheck=self.watch_options.locked_recheck, queue=self._queue,
                                   hooks=self._hooks, record=self._record, finished=self._finished.__contains__,
-                                  before_export=before_export)
+                                  before_export=before_export, cancel=self.cancel)
         self._in_flight: int | None = None
         self._last_scan = 0.0
         self._stopped_at: float | None = None
@@ -188,9 +185,10 @@ class Watcher:
 
     def _abort(self) -> None:
         exporting = self._step.exporting
-        if exporting is not None and self._worker is not None:
+        if exporting is not None:
             logger.warning("aborting the export of %s; its temporary folder is removed", exporting.name)
-            _raise_in_thread(self._worker, ExportAborted)
+        # requested even when none is in flight: an export starting after this moment stops at its first check
+        self.cancel.request("stopped by a signal")
         self._hooks.kill_running()
 
     def join(self, timeout: float | None = None) -> bool:
