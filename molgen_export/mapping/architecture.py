@@ -130,11 +130,13 @@ def dims_from_hf_config(hf_config: dict) -> ModelDims:
     """Dims stated by an HF Qwen3 (or Qwen3-MoE) `config.json` dict."""
     rope = hf_config.get("rope_parameters") or {}
     moe = {}
-    if hf_config.get("num_experts"):
+    # transformers 5 saves Qwen3-MoE's `num_experts` under its attribute-map name `num_local_experts`
+    num_experts = hf_config.get("num_experts") or hf_config.get("num_local_experts")
+    if num_experts:
         layers = hf_config.get("num_hidden_layers") or 0
         step = hf_config.get("decoder_sparse_step") or 1
         dense = set(hf_config.get("mlp_only_layers") or [])
-        moe = dict(moe=True, num_experts=hf_config["num_experts"], top_k=hf_config.get("num_experts_per_tok"),
+        moe = dict(moe=True, num_experts=num_experts, top_k=hf_config.get("num_experts_per_tok"),
                    moe_hidden_dim=hf_config.get("moe_intermediate_size"), route_norm=hf_config.get("norm_topk_prob"),
                    moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
     return ModelDims(**moe,
