@@ -160,7 +160,21 @@ _config_like = st.fixed_dictionaries({}, optional={
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(_config_like)
 def test_any_config_dict_gives_a_run_config_or_a_config_error(data):
-    try:
-        parse_run_config(data, Path("/nonexistent/run/job_config.json"))
-    except MolgenExportError:
-        pass
+    """Whatever the dict holds: a RunConfig, or exactly a ConfigError naming the file (exit 2), nothing printed."""
+    import contextlib
+    import io
+
+    from molgen_export.mapping.run_config import RunConfig
+
+    source = Path("/nonexistent/run/job_config.json")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        try:
+            result = parse_run_config(data, source)
+        except MolgenExportError as exc:
+            assert type(exc) is ConfigError, f"{type(exc).__name__}: {exc}"
+            assert str(source) in str(exc) and exc.path == source
+            assert exc.exit_code == 2
+        else:
+            assert isinstance(result, RunConfig) and result.source == source
+    assert printed.getvalue() == ""

@@ -53,10 +53,17 @@ def test_step_selection(selector, expected):
     assert [s.step for s in select_steps(_infos(10, 20, 100, 500, 1000), selector)] == expected
 
 
-@pytest.mark.parametrize("selector", ["every:0", "abc", "7", "5-x"])
-def test_bad_step_selection(capsys, demo_run, selector):
-    code, _, err = run_cli(capsys, "--dcp-path", demo_run.run_dir, "--steps", selector, "--dry-run")
-    assert code == 2 and "--steps" in err or "step(s)" in err
+@pytest.mark.parametrize("selector, message, fix", [
+    ("every:0", "error: cannot read --steps 'every:0'", "fix: use all, latest, 10,20, 100-500 or every:K"),
+    ("abc", "error: cannot read --steps 'abc'", "fix: use all, latest, 10,20, 100-500 or every:K"),
+    ("7", "error: --steps names step(s) [7] that do not exist", "fix: available: 10, 20"),
+    ("5-x", "error: cannot read --steps '5-x'", "fix: use all, latest, 10,20, 100-500 or every:K"),
+])
+def test_bad_step_selection(capsys, demo_run, selector, message, fix):
+    code, out, err = run_cli(capsys, "--dcp-path", demo_run.run_dir, "--steps", selector, "--dry-run")
+    assert code == 2
+    assert out == ""
+    assert err.splitlines() == [message, f"  {fix}"]
 
 
 # -- exporting, skip, force, stale --------------------------------------------------------------------------
