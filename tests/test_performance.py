@@ -28,7 +28,9 @@ from molgen_export.mapping import keymap
 from molgen_export.hf import safetensors_writer
 from molgen_export.options import ExportOptions
 from molgen_export.errors import VerificationError
-from molgen_export.pipeline.export import ExportReport, _plan, _Timer, export_step
+from molgen_export.pipeline.export import ExportReport, export_step
+from molgen_export.pipeline.plan import plan_dcp_step
+from molgen_export.pipeline.timing import Timer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,7 @@ def _non_model_ranges(step_dir: Path) -> dict[str, list[tuple[int, int]]]:
 def _planned(step_dir: Path, options: ExportOptions | None = None):
     options = options or ExportOptions()
     report = ExportReport(step=0, step_dir=str(step_dir), output_dir="")
-    return _plan(step_dir, options, report, _Timer({}))
+    return plan_dcp_step(step_dir, options, report, Timer({}))
 
 
 # -- what is read ------------------------------------------------------------------------------------------

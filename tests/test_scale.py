@@ -19,6 +19,8 @@ import pytest
 from molgen_export.dcp import discover
 from molgen_export.pipeline import export
 from molgen_export.pipeline import weight_stream
+from molgen_export.pipeline.plan import plan_dcp_step
+from molgen_export.pipeline.timing import Timer
 from molgen_export.hf import safetensors_writer
 from molgen_export.options import ExportOptions
 from tests.helpers.synthetic_235b import REGISTRY_LAYERS, make_synthetic_step
@@ -111,7 +113,7 @@ def _plan_and_shards(step_dir: Path, options: ExportOptions):
     assert [s.step_dir for s in steps] == [step_dir] and steps[0].complete
     report = export.ExportReport(step=steps[0].step, step_dir=str(step_dir), output_dir="", versions={},
                                  options={})
-    plan = export._plan(step_dir, options, report, export._Timer(report.timings))
+    plan = plan_dcp_step(step_dir, options, report, Timer(report.timings))
     heads = (plan.arch.n_heads, plan.arch.n_kv_heads, plan.arch.head_dim)
     streamer = weight_stream.WeightStreamer(plan.meta, plan.sources, plan.mapping, plan.export_dtype, heads,
                                             None, None)

@@ -3,8 +3,8 @@
 `import-hf` maps an HF folder through torchtitan's `Qwen3StateDictAdapter.from_hf` into TorchTitan names and writes
 them as safetensors or as a DCP checkpoint TorchTitan loads (`checkpoint.initial_load_path`); the TorchTitan model
 built from what was written is checked against the HF model's logits. `export-titan` sends TorchTitan-named
-safetensors through the DCP export pipeline (`export.plan_source` / `export.export_planned`), so they get the same
-checks and verification as a DCP step.
+safetensors through the DCP export's skeleton (`plan.plan_source` / `export.export_source`), so they get the same
+checks, verification, skip rules and refusal of a folder molgen_export did not write as a DCP step.
 """
 
 from __future__ import annotations
@@ -24,17 +24,19 @@ from molgen_export.mapping import architecture
 from molgen_export.verify import checks
 from molgen_export.dcp import discover
 from molgen_export.pipeline import export, weight_stream
+from molgen_export.pipeline.plan import plan_source
+from molgen_export.pipeline.timing import Timer
 from molgen_export.verify import logit_gate
 from molgen_export.mapping import keymap
 from molgen_export.mapping import run_config
 from molgen_export.hf import safetensors_writer
 from molgen_export.hf import publish
+from molgen_export.hf.publish import check_output_dir, staged_output
 from molgen_export.options import EXPORT_DTYPES, ExportOptions, parse_size
 from molgen_export.errors import ConfigError, UsageError
 from molgen_export.convert.weights_folder import WeightsFolder, open_weights_folder
 from molgen_export.convert.hf_qwen3 import (check_titan_state, decide_tie, dominant_dtype, dtype_name, hf_run_config,
                                             map_hf_to_titan, read_hf_qwen3_config)
-from molgen_export.convert.output import check_output_dir, staged_output
 from molgen_export.convert.read_back import logits_finding, read_back
 
 logger = logging.getLogger(__name__)
@@ -187,7 +189,7 @@ def import_hf(hf_dir: Path, output_dir: Path, *, fmt: str = "safetensors", dtype
     hf_dir, output_dir = Path(hf_dir), Path(output_dir)
     check_output_dir(output_dir, force=force)
     timings: dict[str, float] = {}
-    timer = export._Timer(timings)
+    timer = Timer(timings)
     started = time.perf_counter()
     with timer.stage("map"):
         plan = plan_import(hf_dir)
@@ -304,8 +306,6 @@ def export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> e
 
 
 def _export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> export.ExportReport:
-    if not options.dry_run:
-        check_output_dir(output_dir, force=options.force)
     source = open_weights_folder(titan_dir)
     _refuse_hf_names(source)
     if options.config is not None:
@@ -320,18 +320,10 @@ def _export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> 
     report = export.ExportReport(source_format="TorchTitan-named safetensors",
                                  step=step if step is not None else -1, step_dir=str(source.step_dir),
                                  output_dir=str(output_dir), versions=export.versions())
-    report.source_fingerprint = source.fingerprint()
-    timer = export._Timer(report.timings)
-    started = time.perf_counter()
-    plan = export.plan_source(source, run, options, report, timer)
-    meta_findings = export._metadata_checks(plan, None)
-    report.findings = [f.to_json() for f in meta_findings]
-    if options.dry_run:
-        report.hf_tensors = len(plan.mapping)
-        report.timings["total"] = round(time.perf_counter() - started, 4)
-        return report
-    checks.raise_on_failures(meta_findings, source.label)
-    return export.export_planned(plan, options, report, timer, output_dir, started)
+    report.source_fingerprint = fingerprint = source.fingerprint()
+    # the DCP export's skeleton: same checks, skip rules (all inputs match) and refusal of a folder it did not write
+    return export.export_source(report, options, output_dir,
+                                lambda timer: plan_source(source, run, options, report, timer, fingerprint=fingerprint))
 
 
 # ----------------------------------------------------------------------------------------------- command line

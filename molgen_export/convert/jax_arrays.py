@@ -26,13 +26,13 @@ import torch
 
 from molgen_export.mapping import architecture
 from molgen_export.verify import checks
-from molgen_export.pipeline import export
+from molgen_export.pipeline.timing import Timer
 from molgen_export.mapping import keymap
 from molgen_export.hf import publish
+from molgen_export.hf.publish import staged_output
 from molgen_export.errors import CheckpointFormatError, MappingError, UsageError
 from molgen_export.convert.weights_folder import open_weights_folder
 from molgen_export.convert.hf_qwen3 import SKIPPED_HF_KEYS, decide_tie, read_hf_qwen3_config
-from molgen_export.convert.output import staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def write_jax_arrays(hf_dir: Path, output_dir: Path, *, dtype: str = "float32", 
 
     hf_dir, output_dir = Path(hf_dir), Path(output_dir)
     timings: dict[str, float] = {}
-    timer = export._Timer(timings)
+    timer = Timer(timings)
     started = time.perf_counter()
     with timer.stage("map"):
         source = open_weights_folder(hf_dir)

@@ -25,14 +25,15 @@ import torch.nn.functional as F
 
 from molgen_export.verify import checks
 from molgen_export.pipeline import export
+from molgen_export.pipeline.timing import Timer
 from molgen_export.verify import logit_gate
 from molgen_export.hf import config_files
 from molgen_export.hf import safetensors_writer
 from molgen_export.hf import publish
+from molgen_export.hf.publish import check_output_dir, staged_output
 from molgen_export.options import EXPORT_DTYPES
 from molgen_export.errors import CheckpointFormatError, ConfigError, MappingError, UsageError
 from molgen_export.convert.weights_folder import load_bin
-from molgen_export.convert.output import check_output_dir, staged_output
 from molgen_export.convert.read_back import finite_logits, logits_finding
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def convert_nanogpt(checkpoint: Path, output_dir: Path, *, dtype: str = "float32
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     check_output_dir(output_dir, force=force)
     timings: dict[str, float] = {}
-    timer = export._Timer(timings)
+    timer = Timer(timings)
     started = time.perf_counter()
     with timer.stage("read"):
         state, args, iter_num = read_nanogpt_checkpoint(checkpoint)

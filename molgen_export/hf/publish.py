@@ -1,5 +1,6 @@
 """Publishing a folder: files written and fsynced, a hidden temporary sibling, one rename into place, stale
-temporaries cleaned, and the per-folder lock (`try_lock`) that export, watcher and conversions share."""
+temporaries cleaned (`staged_folder`, the one staged publish every writer uses), and the per-folder lock
+(`folder_lock` over `try_lock`) that export, watcher and conversions share."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import errno
 import json
 import os
 import shutil
+import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
-from molgen_export.errors import OutputError
+from molgen_export.errors import OutputError, StepLockedError
+
+logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = "."
 """Temporary folders are hidden siblings (`.step-N-hf.tmp-...`) so listings and watchers skip them."""
@@ -179,3 +183,78 @@ def try_lock(path: Path) -> Iterator[bool]:
         return
     raise OutputError(f"cannot lock {path}: it keeps being replaced", path=path,
                       hint="another process is creating and removing this lock in a loop; stop it")
+
+
+@contextmanager
+def folder_lock(output_dir: Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `output_dir` so two processes never write that folder at once (creates the parent).
+
+    Raises:
+        OutputError: the parent folder cannot be created.
+        StepLockedError: another process holds the lock.
+    """
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the export folder {output_dir.parent}: {exc.strerror or exc}",
+                          path=output_dir.parent, hint="choose a writable --output folder") from exc
+    with try_lock(output_dir.parent / f".{output_dir.name}.lock") as held:
+        if not held:
+            raise StepLockedError(f"{output_dir.name} is being exported by another process", path=output_dir,
+                                  hint="wait for it to finish; the export lock is released when that process ends")
+        yield
+
+
+@contextmanager
+def staged_folder(output_dir: Path, *,
+                  publishing: Callable[[], AbstractContextManager] | None = None) -> Iterator[Path]:
+    """The one staged publish: a fresh hidden temporary sibling of `output_dir` (temporaries of killed writers
+    removed first) is yielded; when the block ends normally it is published as `output_dir` with one rename
+    (`publish`), when the block raises it is removed. Call it under `folder_lock(output_dir)`.
+
+    Args:
+        output_dir: the folder to create or replace.
+        publishing: makes a context manager entered around the rename (the export times it as its `publish` stage).
+
+    Raises:
+        OutputError: the temporary folder cannot be made, or the rename fails (the temporary is removed).
+    """
+    clean_stale_temp_dirs(output_dir.parent, output_dir.name)
+    temp_dir = make_temp_dir(output_dir.parent, output_dir.name)
+    try:
+        yield temp_dir
+        with publishing() if publishing is not None else nullcontext():
+            publish(temp_dir, output_dir)
+    except BaseException:
+        remove_tree(temp_dir)
+        raise
+
+
+def check_output_dir(output_dir: Path, *, force: bool) -> None:
+    """Refuse an existing, non-empty output folder unless `force` (then it is replaced atomically on success).
+
+    Raises:
+        OutputError: the folder exists (or is a file) and `force` is off.
+    """
+    if output_dir.is_file():
+        raise OutputError(f"the output {output_dir} is a file", path=output_dir, hint="choose a folder path")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not force:
+        raise OutputError(f"the output folder {output_dir} exists and is not empty", path=output_dir,
+                          hint="choose another folder, or pass --force to replace it (replaced in one rename "
+                               "once the new output is complete and verified)")
+
+
+@contextmanager
+def staged_output(output_dir: Path, *, force: bool) -> Iterator[Path]:
+    """The conversions' output folder: refused if it exists (unless `force`), then written under `folder_lock`
+    into `staged_folder`'s temporary sibling and published on success.
+
+    Raises:
+        OutputError: `output_dir` exists and `force` is off, or it cannot be written.
+        StepLockedError: another process is writing the same output.
+    """
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, force=force)
+    with folder_lock(output_dir), staged_folder(output_dir) as temp_dir:
+        yield temp_dir
+    logger.info("published %s", output_dir)

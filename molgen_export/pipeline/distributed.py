@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from molgen_export.verify import checks
@@ -22,8 +21,10 @@ from molgen_export.dcp import read
 from molgen_export.dcp import discover
 from molgen_export.pipeline import export
 from molgen_export.pipeline import weight_stream
+from molgen_export.pipeline.plan import ExportPlan, check_expert_bias, metadata_checks, plan_dcp_step
+from molgen_export.pipeline.report import ExportReport
+from molgen_export.pipeline.timing import Timer
 from molgen_export.hf import safetensors_writer
-from molgen_export.hf import publish
 from molgen_export.options import ExportOptions
 from molgen_export.errors import MolgenExportError
 
@@ -54,8 +55,12 @@ def ensure_process_group() -> bool:
     return True
 
 
-def export_step_distributed(step_dir: Path, options: ExportOptions) -> export.ExportReport:
+def export_step_distributed(step_dir: Path, options: ExportOptions) -> ExportReport:
     """Export one step with every rank of the default process group (see the module docstring).
+
+    Every rank plans; rank 0 runs the export skeleton (`export.export_planned`: lock, skip check, temporary
+    folder, verify, publish) with a `write_weights` that tells the other ranks the tie and the temporary folder,
+    writes its own shards and gathers theirs.
 
     Returns:
         The report, the same on every rank.
@@ -69,104 +74,108 @@ def export_step_distributed(step_dir: Path, options: ExportOptions) -> export.Ex
     info = discover.describe_step(step_dir)
     discover.require_dcp(info)
     output_dir = export.output_dir_for(step_dir, options)
-    report = export.ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir),
-                                 versions=export.versions())
-    timer = export._Timer(report.timings)
+    report = ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir),
+                          versions=export.versions(), options=export.options_record(options))
+    timer = Timer(report.timings)
     started = time.perf_counter()
-    report.source_fingerprint = export.source_fingerprint(step_dir)
-    plan = export._plan(step_dir, options, report, timer)
-    findings = export._metadata_checks(plan, None)
-    checks.raise_on_failures(findings, step_dir.name)
+    report.source_fingerprint = fingerprint = export.source_fingerprint(step_dir)
+    plan = plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint)
+    checks.raise_on_failures(metadata_checks(plan, None), step_dir.name)  # every rank refuses alike: no message
+    if rank != 0:
+        return _follow(plan, options, report, timer, rank, world)
+    return _lead(plan, options, report, timer, output_dir, started, world)
+
+
+def _lead(plan: ExportPlan, options: ExportOptions, report: ExportReport, timer: Timer, output_dir: Path,
+          started: float, world: int) -> ExportReport:
+    """Rank 0: the export skeleton, telling the other ranks what it decided (or why it stopped) at each step."""
+    told = {"decision": False}
     counter = read.ByteCounter()
 
-    with ExitStack() as stack:
-        decision: dict = {}
-        if rank == 0:
-            try:
-                stack.enter_context(export.step_lock(output_dir))
-                if export.already_exported(plan, options, report, output_dir):
-                    decision = {"skip": True}
-                else:
-                    publish.clean_stale_temp_dirs(output_dir.parent, output_dir.name)
-                    temp_dir = publish.make_temp_dir(output_dir.parent, output_dir.name)
-                    stack.callback(lambda: publish.remove_tree(temp_dir) if temp_dir.exists() else None)
-                    findings = export.check_expert_bias(plan, options, report, counter)
-                    with timer.stage("tie"):
-                        tie, tie_finding = weight_stream.decide_tie(plan.meta, plan.sources,
-                                                                    plan.arch.tie_word_embeddings, counter)
-                    decision = {"temp": str(temp_dir), "tie": tie, "tie_finding": tie_finding.to_json(),
-                                "findings": [f.to_json() for f in findings], "warnings": list(report.warnings)}
-            except BaseException as exc:  # told to the other ranks, then raised here
-                decision = {"error": f"rank 0: {type(exc).__name__}: {exc}"}
-                _broadcast(decision)
-                raise
-        decision = _broadcast(decision)
-        if "error" in decision:
-            raise DistributedExportError(decision["error"], hint="see rank 0's message; nothing was published")
-        if decision.get("skip"):
-            report.status = "skipped"
-            return report
-        temp_dir, tie = Path(decision["temp"]), decision["tie"]
-        tie_finding = checks.Finding(**decision["tie_finding"])
-        findings = [checks.Finding(**f) for f in decision["findings"]]
-        report.warnings = list(decision["warnings"])
+    def write_weights(plan: ExportPlan, temp_dir: Path) -> export.WrittenWeights:
+        findings = check_expert_bias(plan, options, report, counter)
+        with timer.stage("tie"):
+            tie, tie_finding = weight_stream.decide_tie(plan.meta, plan.sources, plan.arch.tie_word_embeddings,
+                                                        counter)
+        _broadcast({"temp": str(temp_dir), "tie": tie})
+        told["decision"] = True
         if tie_finding.warning:
             report.warnings.append(tie_finding.detail)
-        findings += export._metadata_checks(plan, tie) + [tie_finding]
-
-        heads = (plan.arch.n_heads, plan.arch.n_kv_heads, plan.arch.head_dim)
-        everything = weight_stream.WeightStreamer(plan.meta, plan.sources, plan.mapping, plan.export_dtype, heads,
-                                                  None, counter)
-        planned = everything.planned(tie)
-        shards = safetensors_writer.plan_shards(planned, options.max_shard_bytes)
-        mine = [shard for i, shard in enumerate(shards) if i % world == rank]
-        my_keys = {key for shard in mine for key in shard.offsets}
-        result: dict = {"rank": rank, "error": None, "nonfinite": {}, "files": [s.filename for s in mine]}
-        try:
-            with timer.stage("stream"):
-                if mine:
-                    streamer = weight_stream.WeightStreamer(
-                        plan.meta, {k: v for k, v in plan.sources.items() if plan.mapping[k] in my_keys},
-                        plan.mapping, plan.export_dtype, heads, lambda _planned: safetensors_writer.SafetensorsWriter(temp_dir, mine),
-                        counter)
-                    outcome = streamer.stream_known_tie(tie)
-                    outcome.writer.close(index=False)
-                    result["nonfinite"] = outcome.nonfinite
-        except BaseException as exc:
-            result["error"] = f"rank {rank}: {type(exc).__name__}: {exc}"
-            logger.error("%s", result["error"])
-        result["bytes"] = counter.bytes
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, result)
+        findings += metadata_checks(plan, tie) + [tie_finding]
+        planned, shards, gathered = _write_shards(plan, options, temp_dir, tie, timer, counter, 0, world)
         errors = [r["error"] for r in gathered if r["error"]]
+        if errors:
+            raise DistributedExportError("; ".join(errors), hint="nothing was published")
+        report.tied = tie
+        report.bytes_read = sum(r["bytes"] for r in gathered)
+        nonfinite = [(plan.sources[k].checkpoint_key, plan.mapping[k], nan, inf)
+                     for r in gathered for k, (nan, inf) in r["nonfinite"].items()]
+        findings.append(checks.nonfinite_finding(nonfinite, len(plan.sources)))
+        checks.raise_on_failures(findings, plan.meta.label)
+        files = [s.filename for s in shards] + safetensors_writer.write_index(temp_dir, shards)
+        return export.WrittenWeights(tie, planned, files, findings, report_notes=(f"exported by {world} ranks",))
 
-        outcome_json: dict = {}
-        if rank == 0:
-            try:
-                if errors:
-                    raise DistributedExportError("; ".join(errors), hint="nothing was published")
-                report.tied = tie
-                report.bytes_read = sum(r["bytes"] for r in gathered)
-                nonfinite = [(plan.sources[k].checkpoint_key, plan.mapping[k], nan, inf)
-                             for r in gathered for k, (nan, inf) in r["nonfinite"].items()]
-                findings.append(checks.nonfinite_finding(nonfinite, len(plan.sources)))
-                checks.raise_on_failures(findings, plan.meta.label)
-                report.files = [s.filename for s in shards] + safetensors_writer.write_index(temp_dir, shards)
-                export.finish_export(plan, options, report, timer, temp_dir, tie, planned, findings)
-                report.timings["total"] = round(time.perf_counter() - started, 4)
-                report.status, report.written = "exported", True
-                report.warnings.append(f"exported by {world} ranks")
-                publish.write_json(temp_dir / export.REPORT_FILE, report.to_json())
-                publish.publish(temp_dir, output_dir)
-                outcome_json = {"report": report.to_json()}
-            except BaseException as exc:
-                outcome_json = {"error": f"{type(exc).__name__}: {exc}"}
-                _broadcast(outcome_json)
-                raise
-        outcome_json = _broadcast(outcome_json)
-        if "error" in outcome_json:
-            raise DistributedExportError(f"rank 0: {outcome_json['error']}", hint="nothing was published")
-        return export.ExportReport(**outcome_json["report"])
+    try:
+        report = export.export_planned(plan, output_dir, options=options, report=report, timer=timer,
+                                       started=started, write_weights=write_weights)
+    except BaseException as exc:  # told to the other ranks (waiting for the decision, or for the outcome), then raised here
+        _broadcast({"error": f"rank 0: {type(exc).__name__}: {exc}"})
+        raise
+    if not told["decision"]:  # already exported: the other ranks wait for the decision
+        _broadcast({"skip": True})
+        return report
+    outcome = _broadcast({"report": report.to_json()})
+    return ExportReport(**outcome["report"])
+
+
+def _follow(plan: ExportPlan, options: ExportOptions, report: ExportReport, timer: Timer, rank: int,
+            world: int) -> ExportReport:
+    """Ranks 1..N-1: wait for rank 0's decision, write this rank's shards into its temporary folder, wait for the
+    outcome."""
+    decision = _broadcast({})
+    if "error" in decision:
+        raise DistributedExportError(decision["error"], hint="see rank 0's message; nothing was published")
+    if decision.get("skip"):
+        report.status = "skipped"
+        return report
+    _write_shards(plan, options, Path(decision["temp"]), decision["tie"], timer, read.ByteCounter(), rank, world)
+    outcome = _broadcast({})
+    if "error" in outcome:
+        raise DistributedExportError(outcome["error"], hint="nothing was published")
+    return ExportReport(**outcome["report"])
+
+
+def _write_shards(plan: ExportPlan, options: ExportOptions, temp_dir: Path, tie: bool, timer: Timer,
+                  counter: read.ByteCounter, rank: int, world: int) -> tuple[list, list, list[dict]]:
+    """This rank's share of the shard plan (round-robin), streamed into `temp_dir`; every rank's result gathered.
+
+    Returns:
+        The planned tensors, the whole shard plan, and each rank's `{rank, error, nonfinite, files, bytes}`.
+    """
+    everything = weight_stream.WeightStreamer(plan.meta, plan.sources, plan.mapping, plan.export_dtype, plan.heads,
+                                              None, counter)
+    planned = everything.planned(tie)
+    shards = safetensors_writer.plan_shards(planned, options.max_shard_bytes)
+    mine = [shard for i, shard in enumerate(shards) if i % world == rank]
+    my_keys = {key for shard in mine for key in shard.offsets}
+    result: dict = {"rank": rank, "error": None, "nonfinite": {}, "files": [s.filename for s in mine]}
+    try:
+        with timer.stage("stream"):
+            if mine:
+                streamer = weight_stream.WeightStreamer(
+                    plan.meta, {k: v for k, v in plan.sources.items() if plan.mapping[k] in my_keys},
+                    plan.mapping, plan.export_dtype, plan.heads,
+                    lambda _planned: safetensors_writer.SafetensorsWriter(temp_dir, mine), counter)
+                outcome = streamer.stream_known_tie(tie)
+                outcome.writer.close(index=False)
+                result["nonfinite"] = outcome.nonfinite
+    except BaseException as exc:
+        result["error"] = f"rank {rank}: {type(exc).__name__}: {exc}"
+        logger.error("%s", result["error"])
+    result["bytes"] = counter.bytes
+    gathered: list = [None] * world
+    _dist().all_gather_object(gathered, result)
+    return planned, shards, gathered
 
 
 def _broadcast(payload: dict) -> dict:

@@ -115,7 +115,7 @@ def run_probe(plan, hf_config: dict, *, tie: bool, tolerance: float, whole: bool
     """Run the export's mapping on random weights and compare TorchTitan with HF on them.
 
     Args:
-        plan: the export plan (`export._Plan`): its reference config, checkpoint sources and head counts.
+        plan: the export plan (`plan.ExportPlan`): its reference config, checkpoint sources and head counts.
         hf_config: the exported `config.json` dict.
         tie: the export's tie decision.
         tolerance: relative logit tolerance, as for the checkpoint's own weights.
