@@ -325,9 +325,36 @@ def test_stop_mid_stream_stops_between_pieces_and_releases_everything(demo_run, 
     assert {(o.step, o.status) for o in again.run()} == {(10, "exported"), (20, "exported")}
 
 
-def _watch_process(root: Path, *extra: str) -> subprocess.Popen:
+_HELD_BEFORE_PUBLISH = """
+import sys, threading
+from molgen_export import cancel
+from molgen_export.cli import main
+from molgen_export.hf import publish
+from molgen_export.pipeline import export
+
+requested = threading.Event()
+real_request, real_write_json = cancel.CancelToken.request, publish.write_json
+
+def request(self, reason="cancelled"):
+    real_request(self, reason)
+    requested.set()
+
+def write_json(path, data):  # an export one rename from published waits here for the stop's abort request
+    real_write_json(path, data)
+    if path.name == export.REPORT_FILE:
+        requested.wait(60)
+
+cancel.CancelToken.request, publish.write_json = request, write_json
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _watch_process(root: Path, *extra: str, held_before_publish: bool = False) -> subprocess.Popen:
+    """`molgen-export watch` in a child process; `held_before_publish`: each export waits, complete in its temp
+    dir, until the watcher requests its abort (so a stop always finds one to abort)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "molgen_export", "watch", str(root), "--poll", "off",
+    command = ["-c", _HELD_BEFORE_PUBLISH] if held_before_publish else ["-m", "molgen_export"]
+    return subprocess.Popen([sys.executable, *command, "watch", str(root), "--poll", "off",
                              "--threads", "1", "--nice", "0", *extra], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -349,12 +376,15 @@ def test_sigkill_mid_export_then_sigterm_then_restart_leaves_the_full_verified_s
     killed.wait(30)
     assert not any(p.name.endswith("-hf") and not (p / export.REPORT_FILE).exists() for p in export_root.iterdir())
 
-    stopped = _watch_process(demo_run.checkpoint_root, "--grace", "0")
+    stopped = _watch_process(demo_run.checkpoint_root, "--grace", "0", held_before_publish=True)
     _wait_for_temp_dir(export_root, stopped)
     stopped.send_signal(signal.SIGTERM)
     out, _ = stopped.communicate(timeout=60)
     assert stopped.returncode == 0, out
-    assert "aborted" in out or "exported" in out
+    outcomes = [line for line in out.splitlines() if line.startswith("step-")]
+    assert len(outcomes) == 1 and outcomes[0].split()[1:] == ["aborted", "stopped", "by", "a", "signal;", "nothing",
+                                                             "was", "published"], out
+    assert "watch ended (inotify): 1 aborted" in out
     assert not list(export_root.glob(f".step-*-hf.tmp-{stopped.pid}-*"))
 
     restarted = _watch_process(demo_run.checkpoint_root, "--once")
