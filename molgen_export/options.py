@@ -37,15 +37,19 @@ def parse_size(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """How one step is exported. Field names are the YAML keys and, with dashes, the CLI flags."""
+    """How one step is exported. Field names are the YAML keys and, with dashes, the CLI flags.
+
+    The flags are generated from these fields (`molgen_export.cli.flags.add_option_flags`): the type and the default
+    from the annotation, the choices from `metadata["choices"]`, the help from the docstring under each field.
+    """
 
     output: Path | None = None
     """Export root; `step-N-hf/` folders go under it. Default: `<checkpoint_root>-hf/` beside the checkpoint folder."""
 
-    layout: str = "sibling"
+    layout: str = field(default="sibling", metadata={"choices": LAYOUTS})
     """`sibling` (default, outside the checkpoint folder) or `beside` (`<step-dir>-hf` inside it, unsafe with purging)."""
 
-    dtype: str | None = None
+    dtype: str | None = field(default=None, metadata={"choices": EXPORT_DTYPES})
     """Export dtype; default: the run's compute dtype (`mixed_precision_param`, bfloat16 for standard runs)."""
 
     config: Path | None = None
@@ -77,7 +81,7 @@ class ExportOptions:
     """Export a Qwen3 MoE whose load-balancing expert bias is non-zero (routing will differ; recorded as a warning)."""
 
     threads: int | None = None
-    """torch intra-op threads for the export (None: leave torch's default)."""
+    """torch intra-op threads for the export (unset: torch's own default)."""
 
     extra: dict = field(default_factory=dict)
     """Free-form values recorded in the report (e.g. who started the export)."""

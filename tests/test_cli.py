@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from molgen_export.cli import main, select_steps
+from molgen_export.cli import main
+from molgen_export.cli.export import select_steps
 from molgen_export.dcp.discover import StepInfo, list_steps, resolve_checkpoint_root
 
 

@@ -54,7 +54,7 @@ def test_watcher_runs_lm_eval_on_every_export_and_the_report_shows_it(demo_run, 
     hooks = [e for e in read_journal(watcher.export_root) if e["event"] == "on_export"]
     assert [(e["step"], e["exit_code"]) for e in hooks] == [(10, 0), (20, 0)], hooks[-1]["output_tail"]
     assert hooks[0]["command"] == on_export
-    assert hooks[0]["argv"][1:4] == ["-m", "molgen_export.evals", "lm-eval"]
+    assert hooks[0]["argv"][1:4] == ["-m", "molgen_export.cli.eval", "lm-eval"]
     assert f"|{TASK}|" in hooks[0]["output_tail"]  # the tail is lm-eval's own results table
     for step in (10, 20):
         eval_dir = watcher.export_root / "evals" / f"step-{step}"
@@ -99,7 +99,7 @@ def test_an_unknown_recipe_is_refused_when_the_watcher_is_made(demo_run):
 def test_recipes_expand_to_commands_and_templates_pass_unchanged():
     assert evals.expand_recipe("@smoke") == "{python} -m molgen_export.integrations.on_export_smoke {hf_dir} {step}"
     assert evals.expand_recipe("  @lm-eval --tasks a,b --limit 5") == (
-        "{python} -m molgen_export.evals lm-eval {hf_dir} --eval-dir {eval_dir} --tasks a,b --limit 5")
+        "{python} -m molgen_export.cli.eval lm-eval {hf_dir} --eval-dir {eval_dir} --tasks a,b --limit 5")
     template = "python my_eval.py {hf_dir} {eval_dir}/mine.json"
     assert evals.expand_recipe(template) == template
 

@@ -26,10 +26,11 @@ RANKS = [
     ("molgen_export.convert", 7),             # the other conversions (HF <-> TorchTitan, vLLM, JAX, nanoGPT)
     ("molgen_export.demo", 7), ("molgen_export.evals", 7),
     ("molgen_export.watch", 8),               # watcher, events, queue, journal, on-export hooks, run report
-    ("molgen_export.runner", 9),              # the training launcher with export.enabled
-    ("molgen_export.integrations", 10),       # training-side entry points (hooks/ are scripts over these)
-    ("molgen_export.cli", 11),                # the command line: nothing imports it but __main__
-    ("molgen_export.__main__", 12),
+    ("molgen_export.cli.flags", 9),           # what the shells share: flags made from the options, logging, exit codes
+    ("molgen_export.runner", 10),             # the training launcher with export.enabled
+    ("molgen_export.integrations", 11),       # training-side entry points (hooks/ are scripts over these)
+    ("molgen_export.cli", 12),                # the command line: nothing imports it but __main__
+    ("molgen_export.__main__", 13),
 ]
 
 
@@ -99,10 +100,34 @@ def test_no_import_circle():
 
 
 def test_only_the_shells_read_the_command_line():
-    """argparse lives in the shells (cli, runner, integrations); the stages take options objects."""
+    """argparse lives in the shells (cli and its flags, runner, integrations); the stages take options objects."""
     readers = sorted(name for name, path in MODULES.items()
-                     if "argparse" in path.read_text() and _rank(name) < _rank("molgen_export.runner"))
+                     if "argparse" in path.read_text() and _rank(name) < _rank("molgen_export.cli.flags"))
     assert not readers, f"stages importing argparse: {readers}"
+
+
+def test_the_shells_below_the_cli_import_only_its_flags():
+    """The runner and the integrations share the CLI's flags, logging and exit codes, never its commands."""
+    wrong = sorted((name, e) for name in GRAPH if _rank(name) < _rank("molgen_export.cli")
+                   for e in GRAPH[name] if _rank(e) == _rank("molgen_export.cli"))
+    assert not wrong, f"imports of the command line below it (only molgen_export.cli.flags is shared): {wrong}"
+
+
+def _looks_up_a_command(path: Path) -> bool:
+    """`getattr(module, f"run_{name}")` and the like: a function found by a name built at run time."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and len(node.args) > 1 and isinstance(node.args[1], ast.JoinedStr)):
+            text = "".join(v.value for v in node.args[1].values if isinstance(v, ast.Constant))
+            if "run_" in text or "add_" in text or "_arguments" in text:
+                return True
+    return False
+
+
+def test_no_command_is_looked_up_by_name():
+    """The CLI's table names each command's functions, so grep finds their callers; no getattr by a built name."""
+    found = sorted(name for name, path in MODULES.items() if _looks_up_a_command(path))
+    assert not found, f"getattr with a built command name in {found}: import the function and name it in the table"
 
 
 def test_public_api_is_importable_and_light():

@@ -9,9 +9,7 @@ checks, verification, skip rules and refusal of a folder molgen_export did not w
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import time
 import warnings
@@ -43,27 +41,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "dcp")
 IMPORT_REPORT = "import_report.json"
-IMPORT_HF_EPILOG = """\
-examples:
-  molgen-export import-hf Qwen/Qwen3-0.6B-local titan-init --format dcp
-      -> a DCP checkpoint; start TorchTitan from it with checkpoint.initial_load_path=/abs/path/titan-init
-  molgen-export import-hf hf-model titan-weights                 (TorchTitan-named model.safetensors)
-  molgen-export import-hf hf-model titan-weights --dtype bfloat16 --force
-
-The TorchTitan model built from the written files is compared with the HF model on fixed tokens (float32);
---skip-logits turns that off. Exit codes: 0 written and verified, 1 a check or the logit comparison failed,
-2 bad input or config.
-"""
-
-EXPORT_TITAN_EPILOG = """\
-examples:
-  molgen-export export-titan titan-weights --output hf-out --hf-assets Qwen3-0.6B-assets
-  molgen-export export-titan titan-weights --output hf-out --config outputs/job_config.json --dtype bfloat16
-  molgen-export export-titan titan-weights --output hf-out --hf-assets assets --dry-run
-
-TITAN_DIR holds TorchTitan-named safetensors (model.safetensors, or shards with an index). The export runs the
-DCP pipeline's checks, writes the HF folder and compares TorchTitan and HF logits before publishing.
-"""
 
 
 @dataclass(frozen=True)
@@ -324,65 +301,3 @@ def _export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> 
     # the DCP export's skeleton: same checks, skip rules (all inputs match) and refusal of a folder it did not write
     return export.export_source(report, options, output_dir,
                                 lambda timer: plan_source(source, run, options, report, timer, fingerprint=fingerprint))
-
-
-# ----------------------------------------------------------------------------------------------- command line
-
-
-def add_import_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    from molgen_export.cli import add_verbosity
-
-    parser.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="HF Qwen3 folder (safetensors or .bin)")
-    parser.add_argument("output_dir", type=Path, metavar="OUT_DIR", help="folder to create")
-    parser.add_argument("--format", choices=FORMATS, default="safetensors",
-                        help="safetensors (TorchTitan names) or dcp (loadable as checkpoint.initial_load_path)")
-    parser.add_argument("--dtype", choices=EXPORT_DTYPES, help="cast floating tensors (default: keep stored dtypes)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--skip-logits", action="store_true", help="skip the TorchTitan-vs-HF logit comparison")
-    parser.add_argument("--logits-atol", type=float, default=1e-3,
-                        help="accepted max|logit difference| relative to max|logit| (default 1e-3)")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_verbosity(parser)
-
-
-def run_import_hf(args: argparse.Namespace) -> int:
-    report = import_hf(args.hf_dir, args.output_dir, fmt=args.format, dtype=args.dtype, verify=not args.skip_logits,
-                       logits_atol=args.logits_atol, max_shard_size=args.max_shard_size, force=args.force)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        logits = f"logits max|Δ| {report.fidelity['max_abs_diff']:.2g}" if report.fidelity else "logits skipped"
-        print(f"{report.source_dir}  ok  {report.titan_tensors} TorchTitan tensors ({report.format}, "
-              f"{','.join(report.dtypes)}, {'tied' if report.tied else 'untied'})  {logits}  "
-              f"{report.timings.get('total', 0):.1f} s  -> {report.output_dir}")
-    return 0
-
-
-def add_export_titan_arguments(parser: argparse.ArgumentParser) -> None:
-    from molgen_export.cli import add_verbosity, add_write_and_verify_options
-
-    parser.add_argument("titan_dir", type=Path, metavar="TITAN_DIR", help="folder of TorchTitan-named safetensors")
-    parser.add_argument("--output", type=Path, required=True, help="the HF folder to create")
-    parser.add_argument("--hf-assets", type=Path, help="HF assets: Qwen3 config.json and tokenizer")
-    parser.add_argument("--config", type=Path, help="the run's job_config.json (instead of deriving from --hf-assets)")
-    add_write_and_verify_options(parser, dtype_help="export dtype (default: the stored dtype)")
-    parser.add_argument("--dry-run", action="store_true", help="plan and check from headers only; write nothing")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_verbosity(parser)
-
-
-def run_export_titan(args: argparse.Namespace) -> int:
-    from molgen_export.cli import options_from_args, summary_line
-
-    options = options_from_args(args, output=args.output)
-    report = export_titan(args.titan_dir, args.output, options)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        print(summary_line(report))
-        if options.dry_run:
-            for finding in report.findings:
-                print(f"  check {finding['name']:<14} {'ok' if finding['ok'] else 'FAILED'}  {finding['detail']}")
-    return 0 if report.ok else 1

@@ -13,7 +13,6 @@ with JAX; plain-NumPy readers without it must use the float32 default). float16 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -284,38 +283,3 @@ def load_embeddings(folder: Path, *, backend: str = "auto") -> dict[str, Any]:
     """`{"tok_embeddings", "norm"}` plus `"lm_head"` (`[dim, vocab]`) when the model is untied."""
     manifest = read_manifest(folder)
     return _load(Path(folder) / manifest["files"]["top"], backend)
-
-
-# ----------------------------------------------------------------------------------------------- command line
-
-TO_JAX_EPILOG = """\
-examples:
-  molgen-export to-jax hf-model jax-arrays                     (float32, loads with plain NumPy)
-  molgen-export to-jax hf-model jax-arrays --dtype bfloat16    (needs ml_dtypes to load; JAX has it)
-
-  python -c "from molgen_export.convert.jax_arrays import load_layer; print(load_layer('jax-arrays', 0).keys())"
-
-Output: layer_00000.safetensors ... (one per decoder layer), embeddings.safetensors, manifest.json.
-"""
-
-
-def add_to_jax_arguments(parser: argparse.ArgumentParser) -> None:
-    from molgen_export.cli import add_verbosity
-
-    parser.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="HF Qwen3 folder (safetensors or .bin)")
-    parser.add_argument("output_dir", type=Path, metavar="OUT", help="folder to create")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="array dtype (default float32)")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_verbosity(parser)
-
-
-def run_to_jax(args: argparse.Namespace) -> int:
-    report = write_jax_arrays(args.hf_dir, args.output_dir, dtype=args.dtype, force=args.force)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        print(f"{report.source_dir}  ok  {report.n_layers} layer files + {TOP_FILE}, {report.arrays} arrays "
-              f"({report.dtype}, {report.output_bytes / 1e6:.2f} MB, {'tied' if report.tied else 'untied'})  "
-              f"{report.timings.get('total', 0):.1f} s  -> {report.output_dir}")
-    return 0

@@ -13,7 +13,6 @@ nanoGPT uses exact GELU (`nn.GELU()`), so the config says `activation_function="
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -70,16 +69,6 @@ TOP_TENSORS: tuple[tuple[str, str, bool], ...] = (
 FP16_MAX = 65504.0
 GPT2_EOS_ID = 50256
 """`<|endoftext|>` in the GPT-2 tokenizer: bos and eos of GPT-2 models."""
-
-FROM_NANOGPT_EPILOG = """\
-examples:
-  molgen-export from-nanogpt out/ckpt.pt --output gpt2-hf
-  molgen-export from-nanogpt out/ckpt.pt --output gpt2-hf --dtype bfloat16 --vocab-size 50257 --tokenizer gpt2-tok
-
---vocab-size N keeps the first N embedding rows (nanoGPT pads GPT-2's 50257 to 50304). --tokenizer DIR copies the
-tokenizer files found there (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json, ...). The converted
-folder is loaded with transformers and its logits compared with nanoGPT's forward pass before it is published.
-"""
 
 
 @dataclass(frozen=True)
@@ -402,34 +391,3 @@ def model_card(report: NanoGPTReport) -> str:
     lines += ["", "## Load", "", "```python", "from transformers import GPT2LMHeadModel",
               'model = GPT2LMHeadModel.from_pretrained(path, dtype="auto")', "```", ""]
     return "\n".join(lines)
-
-
-def add_from_nanogpt_arguments(parser: argparse.ArgumentParser) -> None:
-    from molgen_export.cli import add_verbosity
-
-    parser.add_argument("checkpoint", type=Path, metavar="CKPT.pt", help="nanoGPT checkpoint (ckpt.pt)")
-    parser.add_argument("--output", type=Path, required=True, help="the HF folder to create")
-    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="weights dtype (default float32)")
-    parser.add_argument("--vocab-size", type=int, help="keep the first N embedding rows (e.g. 50257)")
-    parser.add_argument("--tokenizer", type=Path, help="folder with the GPT-2 tokenizer files to copy")
-    parser.add_argument("--skip-logits", action="store_true", help="skip the nanoGPT-vs-HF logit comparison")
-    parser.add_argument("--logits-atol", type=float, default=1e-3,
-                        help="accepted max|logit difference| relative to max|logit| (default 1e-3)")
-    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_verbosity(parser)
-
-
-def run_from_nanogpt(args: argparse.Namespace) -> int:
-    report = convert_nanogpt(args.checkpoint, args.output, dtype=args.dtype, vocab_size=args.vocab_size,
-                             tokenizer_dir=args.tokenizer, verify=not args.skip_logits, logits_atol=args.logits_atol,
-                             force=args.force)
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        logits = f"logits max|Δ| {report.fidelity['max_abs_diff']:.2g}" if report.fidelity else "logits skipped"
-        print(f"{report.source}  ok  {report.tensors} tensors ({report.dtype}, {'tied' if report.tied else 'untied'})"
-              f"  {logits}  {report.timings.get('total', 0):.1f} s  -> {report.output_dir}")
-        for warning in report.warnings:
-            print(f"  warning: {warning}")
-    return 0

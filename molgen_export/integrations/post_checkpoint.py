@@ -16,9 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from molgen_export import cli
+from molgen_export.cli import flags
 from molgen_export.dcp import discover
 from molgen_export.watch.watcher import Watcher, WatchOptions, describe_outcome
+
+HOOK_WATCH_FIELDS = ("retries", "retry_backoff", "nice", "on_export")
+"""The WatchOptions that mean something for one step exported once (no observer, no rescans, no lifetime)."""
+HOOK_DEFAULTS = {"retries": 1}
+"""One retry, not the watcher's three: the hook runs once per save, often in a job's epilog with little time."""
 
 
 def wait_for_metadata(step_dir: Path, timeout: float) -> bool:
@@ -41,24 +46,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step_dir", type=Path, help="the step-N folder TorchTitan just saved")
     parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for .metadata (default 0)")
-    parser.add_argument("--retries", type=int, default=1, help="retries after a failed export (default 1)")
-    parser.add_argument("--retry-backoff", type=float, default=30.0, help="seconds before the retry (default 30)")
-    parser.add_argument("--nice", type=int, default=10, help="niceness of the export (default 10)")
-    parser.add_argument("--on-export", help='command run after the export, e.g. "python eval.py {hf_dir} {step}"')
-    cli.add_export_options(parser)
-    cli.add_verbosity(parser)
+    flags.add_option_flags(parser, WatchOptions, HOOK_WATCH_FIELDS, defaults=HOOK_DEFAULTS)
+    flags.add_export_options(parser)
+    flags.add_verbosity(parser)
     args = parser.parse_args(argv)
-    cli.setup_logging(args)
+    flags.setup_logging(args)
     if discover.step_number(args.step_dir) is None:
         print(f"error: {args.step_dir} is not a step-N folder", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return flags.EXIT_USAGE
     if not wait_for_metadata(args.step_dir, args.wait):
         print(f"error: {args.step_dir} has no .metadata after {args.wait:g} s: the save has not finished\n"
               "  fix: pass --wait SECONDS, or run `molgen-export watch` on the checkpoint folder", file=sys.stderr)
-        return cli.EXIT_USAGE
+        return flags.EXIT_USAGE
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        watcher = Watcher(args.step_dir.parent, cli.options_from_args(args),
+        watcher = Watcher(args.step_dir.parent, flags.options_from_args(args),
                           WatchOptions(retries=args.retries, retry_backoff=args.retry_backoff, nice=0,
                                        on_export=args.on_export))
         if args.nice:
@@ -68,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = watcher.export_now(args.step_dir)
     except KeyboardInterrupt:
         print("interrupted; no partial output was published", file=sys.stderr)
-        return 130
+        return flags.EXIT_INTERRUPTED
     for outcome in outcomes:
         print(describe_outcome(outcome))
     final = outcomes[-1].status if outcomes else "skipped"
-    return cli.EXIT_OK if final in ("exported", "skipped") else cli.EXIT_FAILED
+    return flags.EXIT_OK if final in ("exported", "skipped") else flags.EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from molgen_export.cli import flags
 from molgen_export.dcp import discover
 from molgen_export.mapping import run_config
 from molgen_export.options import ExportOptions
@@ -505,8 +506,6 @@ def _quietly(fn) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from molgen_export import cli
-
     parser = argparse.ArgumentParser(
         prog="python -m molgen_export.runner.launch", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train with TorchTitan and export every checkpoint to a verified HF folder while it runs.",
@@ -516,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-config", action="store_true",
                         help="print the merged config, job config path and training command; launch nothing")
     parser.add_argument("dotlist", nargs="*", help="overrides such as export.enabled=true torchtitan.nproc_per_node=8")
-    cli.add_verbosity(parser)
+    flags.add_verbosity(parser)
     parser.set_defaults(verbose=1)
     return parser
 
@@ -533,10 +532,8 @@ The exit code is training's (128+N when a signal N ended it); 2 when the config 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m molgen_export.runner.launch`; returns training's exit code (2 for a bad config)."""
-    from molgen_export import cli
-
     args = build_parser().parse_intermixed_args(argv)
-    cli.setup_logging(args)
+    flags.setup_logging(args)
     if args.verbose < 2 and not args.quiet:  # the runner's and the watcher's lines, not one per export stage
         logging.getLogger("molgen_export").setLevel(logging.WARNING)
         for name in ("molgen_export.watch.watcher", "molgen_export.runner.launch"):
@@ -547,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_run(config)
             print(json.dumps({"config": asdict(config), "job_config": str(plan.job_config_path),
                               "checkpoint_root": str(plan.checkpoint_root), "command": plan.command}, indent=2))
-            return cli.EXIT_OK
+            return flags.EXIT_OK
         return run(config, on_outcome=lambda o: print(f"[export] {describe_outcome(o)}", flush=True))
     except MolgenExportError as exc:
         if os.environ.get("MOLGEN_EXPORT_DEBUG"):

@@ -1,14 +1,14 @@
-"""`molgen-export report`: what happened to every step of a run, from our own files only, while the run goes on.
+"""What happened to every step of a run, from our own files only, while the run goes on.
 
 It reads each `step-N-hf/export_report.json`, the watcher's journal and failure records (`watch_state`), the
 `smoke.jsonl` of the smoke hook and the eval results under `evals/step-N/` (`evals`), and the checkpoint folder's
 `step-N/.metadata` times. Any of them may be missing or half-written: what cannot be read is named and left out.
-It prints a table (or JSON); `--html` writes one self-contained page and `--png` the plots (matplotlib, Agg).
+`format_table` makes the table, `render_html` one self-contained page and `render_plots` the plots (matplotlib,
+Agg); `molgen_export.cli.report` is the `molgen-export report` command over them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -498,49 +498,3 @@ def render_html(report: RunReport, png: bytes) -> str:
 <ul>{details or "<li>no failures, warnings or notes</li>"}</ul>
 </body></html>
 """
-
-
-# --- CLI ------------------------------------------------------------------------------------------------------------
-
-REPORT_EPILOG = """\
-examples:
-  molgen-export report outputs/checkpoint-hf                 # an export root: a table on the terminal
-  molgen-export report outputs --html report.html            # a run folder; one self-contained page
-  molgen-export report outputs/checkpoint --png report.png   # the plots alone, for CI logs
-  molgen-export report outputs --json
-
-It reads only molgen-export's own files (export_report.json, the watch journal and failure records, smoke.jsonl,
-evals/step-N/*.json) and may run while training and the watcher go on.
-exit codes: 0 report made; 2 nothing to report at that path."""
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `molgen-export report`."""
-    from molgen_export import cli
-
-    parser.add_argument("path", type=Path, metavar="RUN_OR_EXPORT_ROOT",
-                        help="the export root (<checkpoint_root>-hf), the checkpoint folder or the run folder")
-    parser.add_argument("--html", type=Path, help="write one self-contained HTML page (plots embedded)")
-    parser.add_argument("--png", type=Path, help="write the plots as one PNG")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    cli.add_verbosity(parser)
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """`molgen-export report`: print the table (or JSON); write the page and the PNG when asked."""
-    from molgen_export.hf.publish import write_text
-
-    report = collect_report(args.path)
-    if args.html or args.png:
-        png = render_plots(report)
-        if args.png:
-            args.png.parent.mkdir(parents=True, exist_ok=True)
-            args.png.write_bytes(png)
-        if args.html:
-            args.html.parent.mkdir(parents=True, exist_ok=True)
-            write_text(args.html, render_html(report, png))
-    print(json.dumps(report.to_json(), indent=2) if args.json else format_table(report))
-    for path in (args.html, args.png):
-        if path and not args.json:
-            print(f"wrote {path}")
-    return 0

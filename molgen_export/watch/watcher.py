@@ -5,16 +5,14 @@ A watchdog observer (`watch_fs`: inotify, or polling for NFS/Lustre/GPFS) only q
 (`watch_step`: skip, give up, claim, `export.export_step`, retry). Outcomes go to the journal and failures to
 failure records (`watch_state`), so a restarted watcher exports exactly the steps still missing; `--on-export`
 commands run in their own thread (`watch_hooks`). This module composes them into `Watcher` (threads, lifetime,
-signals) and holds the `molgen-export watch` command.
+signals); `molgen_export.cli.watch` is the `molgen-export watch` command over it.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from molgen_export.cancel import CancelToken
 from molgen_export.dcp import discover
 from molgen_export.errors import ExportAborted
 from molgen_export.pipeline import export
+from molgen_export.pipeline.summary import summary_line
 from molgen_export.watch import events
 from molgen_export.options import ExportOptions
 from molgen_export.errors import UsageError
@@ -316,94 +315,14 @@ class Watcher:
                 logger.exception("on_outcome callback failed")
 
 
-# --- CLI ---------------------------------------------------------------------------------------------------
-
-WATCH_EPILOG = """\
-examples:
-  molgen-export watch outputs/checkpoint
-  molgen-export watch /lustre/run7/checkpoint --poll 30 --dtype bfloat16 --output /data/hf/run7
-  molgen-export watch outputs/checkpoint --once
-  molgen-export watch outputs/checkpoint --until-pid $TRAINER_PID --threads 4 --nice 10
-  molgen-export watch outputs/checkpoint --on-export "python -m molgen_export.integrations.on_export_smoke {hf_dir} {step}"
-
-Exports go to <checkpoint_root>-hf/step-N-hf/ (or --output). Each outcome is appended to
-<export_root>/.molgen-watch.jsonl; a failing step leaves <export_root>/.step-N-hf.failed.json and is retried
---retries times with back-off. SIGINT/SIGTERM stop it cleanly (exit 0; a second signal aborts at once).
-exit codes: 0 stopped or done; 1 with --once/--until-pid, some step failed for good; 2 bad usage."""
-
-
-def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `molgen-export watch`."""
-    from molgen_export import cli
-
-    defaults = WatchOptions()
-    parser.add_argument("checkpoint_root", type=Path, help="the checkpoint folder holding step-N folders")
-    group = parser.add_argument_group("watch options")
-    group.add_argument("--poll", default="auto", help="auto (default: polling on NFS/Lustre/GPFS/FUSE, inotify "
-                       "elsewhere), off (inotify), or a polling interval in seconds")
-    group.add_argument("--once", action="store_true", help="export the complete steps there now, then exit")
-    group.add_argument("--until-pid", type=int, help="after this process ends, export what is left and exit")
-    group.add_argument("--nice", type=int, default=defaults.nice, help=f"niceness of the exports (default {defaults.nice})")
-    group.add_argument("--on-export", help='command run after each export, e.g. "python eval.py {hf_dir} {step}"')
-    group.add_argument("--retries", type=int, default=defaults.retries, help="retries of a failed step (default 3)")
-    group.add_argument("--retry-backoff", type=float, default=defaults.retry_backoff,
-                       help="seconds before the first retry, doubling after (default 30)")
-    group.add_argument("--grace", type=float, default=defaults.grace,
-                       help="on SIGTERM, seconds the export in flight may take to finish before it is aborted")
-    group.add_argument("--rescan", type=float, default=defaults.rescan, help="seconds between full rescans (0: off)")
-    group.add_argument("--locked-recheck", type=float, default=defaults.locked_recheck,
-                       help="seconds before looking again at a step another process is exporting (default 15)")
-    cli.add_export_options(parser)
-    parser.set_defaults(threads=4)
-    cli.add_verbosity(parser)
-
-
-def watch_options_from_args(args: argparse.Namespace) -> WatchOptions:
-    """WatchOptions from parsed flags (same spelling: --retry-backoff <-> retry_backoff)."""
-    names = WatchOptions.__dataclass_fields__
-    return WatchOptions(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+# --- terminal lines --------------------------------------------------------------------------------------
 
 
 def describe_outcome(outcome: StepOutcome) -> str:
-    """One line per outcome for the terminal."""
-    from molgen_export import cli
-
+    """One line per outcome for the terminal (the CLI, the runner and the post-checkpoint hook print it)."""
     latency = (f"  latency {outcome.start_latency_s:.2f} s ({outcome.detected_via})"
                if outcome.start_latency_s is not None else "")
     if outcome.status == "exported" and outcome.report is not None:
-        return cli.summary_line(outcome.report) + latency
+        return summary_line(outcome.report) + latency
     detail = f"  {outcome.error.splitlines()[0]}" if outcome.error else ""
     return f"step-{outcome.step}  {outcome.status}{detail}"
-
-
-def run_watch(args: argparse.Namespace) -> int:
-    """`molgen-export watch`: run a Watcher in the foreground until a signal (or --once/--until-pid)."""
-    from molgen_export import cli
-
-    options = cli.options_from_args(args)
-    watch_options = watch_options_from_args(args)
-    watcher = Watcher(args.checkpoint_root, options, watch_options,
-                      on_outcome=lambda o: print(describe_outcome(o), flush=True))
-    signals = {"count": 0}
-
-    def on_signal(signum, _frame):
-        signals["count"] += 1
-        watcher.stop(grace=watch_options.grace if signals["count"] == 1 else 0.0)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        print(f"watching {watcher.checkpoint_root} -> {watcher.export_root}"
-              + (" (once)" if watch_options.once else ""), flush=True)
-        outcomes = watcher.run()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    tally: dict[str, int] = {}
-    for outcome in outcomes:
-        tally[outcome.status] = tally.get(outcome.status, 0) + 1
-    print(f"watch ended ({watcher.mode}): " + (", ".join(f"{n} {s}" for s, n in sorted(tally.items())) or "nothing to do"),
-          flush=True)
-    failed = {o.step for o in outcomes if o.status == "gave-up"} - {o.step for o in outcomes if o.status == "exported"}
-    if failed and signals["count"] == 0 and (watch_options.once or watch_options.until_pid):
-        return cli.EXIT_FAILED
-    return cli.EXIT_OK
