@@ -119,15 +119,12 @@ def tiny_moe_arch(vocab_size: int = 320, *, num_experts: int = 12, top_k: int = 
 
 
 def build_model(arch: Qwen3Arch, seed: int = 0, *, fused_qkv: bool = True) -> torch.nn.Module:
-    """A real torchtitan Qwen3 model with TorchTitan's own initialization."""
-    config = arch.titan_model_config(fused_qkv=fused_qkv)
-    with torch.device("meta"):
-        model = config.build()
-    model.to_empty(device="cpu")
+    """A real torchtitan Qwen3 model (of the installed version) with TorchTitan's own initialization."""
+    from molgen_export.mapping import titan
+
+    config = arch.titan_model_config(fused_qkv=fused_qkv)  # 0.2.1 has no fused QKV (nor does its state dict)
     torch.manual_seed(seed)
-    with torch.no_grad():
-        model.init_states(buffer_device=torch.device("cpu"))
-    return model
+    return titan.installed().build_model(config, "cpu")
 
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, steps: int,
@@ -151,9 +148,10 @@ def titan_checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     """The state dict TorchTitan's CheckpointManager saves: model FQNs at the top level, then optimizer,
     lr_scheduler, dataloader and train_state entries."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    from torchtitan.components.checkpointer.base import ModelWrapper
 
-    model_sd = dict(ModelWrapper(model).state_dict())
+    from molgen_export.mapping import titan
+
+    model_sd = dict(titan.installed().model_wrapper_class()(model).state_dict())
     if rename is not None:
         model_sd = {rename(k): v for k, v in model_sd.items()}
     return {
@@ -188,6 +186,14 @@ def job_config_dict(arch: Qwen3Arch, *, flavor: str, hf_assets_path: str, dump_f
     """
     import warnings
 
+    from molgen_export.mapping import titan
+
+    if titan.installed().release < (0, 3, 0):
+        if model is not None:
+            raise ValueError("a 0.3 model config cannot be written by torchtitan 0.2.1")
+        return job_config_dict_titan021(flavor=flavor, hf_assets_path=hf_assets_path, dump_folder=dump_folder,
+                                        seq_len=seq_len, checkpoint_folder=checkpoint_folder,
+                                        keep_latest_k=keep_latest_k, save_config_file=save_config_file)
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.config import DebugConfig, TrainingConfig
     from torchtitan.models.qwen3 import Qwen3StateDictAdapter, parallelize_qwen3
@@ -206,6 +212,43 @@ def job_config_dict(arch: Qwen3Arch, *, flavor: str, hf_assets_path: str, dump_f
             checkpoint=CheckpointManager.Config(interval=10, folder=checkpoint_folder, keep_latest_k=keep_latest_k,
                                                 last_save_model_only=False, initial_load_model_only=False))
     return json.loads(json.dumps(config.to_dict(), default=repr))
+
+
+def job_config_dict_titan021(*, flavor: str, hf_assets_path: str, dump_folder: str, seq_len: int,
+                             checkpoint_folder: str = "checkpoint", keep_latest_k: int = 10,
+                             save_config_file: str | None = None, custom_import: str = "") -> dict:
+    """A TorchTitan 0.2.1 `JobConfig.to_dict()`, what 0.2.1 writes to `<dump_folder>/<job.save_config_file>`:
+    a flavor name and no dims (a custom flavor is registered by the `experimental.custom_import` module)."""
+    from torchtitan.config import JobConfig
+
+    config = JobConfig()
+    config.job.dump_folder, config.job.save_config_file = dump_folder, save_config_file
+    config.model.name, config.model.flavor, config.model.hf_assets_path = "qwen3", flavor, hf_assets_path
+    config.training.local_batch_size, config.training.seq_len, config.training.steps = 4, seq_len, 20
+    config.checkpoint.enable, config.checkpoint.interval, config.checkpoint.folder = True, 10, checkpoint_folder
+    config.checkpoint.keep_latest_k, config.checkpoint.last_save_model_only = keep_latest_k, False
+    config.experimental.custom_import = custom_import
+    return json.loads(json.dumps(config.to_dict(), default=repr))
+
+
+def write_titan021_flavor(launch_dir: Path, arch: Qwen3Arch) -> tuple[str, str]:
+    """Write the module a torchtitan 0.2.1 run names in `experimental.custom_import` to register its custom flavor
+    (0.2.1's train.py imports it from the launch directory), for `arch`.
+
+    Returns:
+        (module name, flavor name); both carry a digest of the args, so runs of other dims never collide.
+    """
+    import hashlib
+
+    args = repr(arch.titan_model_config())
+    digest = hashlib.sha256(args.encode()).hexdigest()[:10]
+    module, flavor = f"molgen_demo_flavor_{digest}", f"molgen_tiny_{digest}"
+    (launch_dir / f"{module}.py").write_text(
+        '"""The demo run\'s custom Qwen3 flavor for torchtitan 0.2.1 (its experimental.custom_import)."""\n\n'
+        "from torchtitan.models.moe import MoEArgs  # noqa: F401 (named in the args' repr)\n"
+        "from torchtitan.models.qwen3 import Qwen3ModelArgs, qwen3_args\n\n"
+        f"qwen3_args[{flavor!r}] = {args}\n")
+    return module, flavor
 
 
 @dataclass
@@ -253,8 +296,16 @@ def make_demo_run(workdir: Path, *, steps: tuple[int, ...] = (10, 20), arch: Qwe
     checkpoint_root.mkdir(parents=True, exist_ok=True)
     job_config = run_dir / "job_config.json"
     if write_job_config:
-        job = job_config_dict(arch, flavor="molgen_tiny", hf_assets_path="./assets", dump_folder="./run",
-                              seq_len=arch.max_seq_len)
+        from molgen_export.mapping import titan
+
+        if titan.installed().release < (0, 3, 0):  # a 0.2.1 run: a flavor its custom_import module registers
+            module, flavor = write_titan021_flavor(workdir, arch)
+            job = job_config_dict_titan021(flavor=flavor, hf_assets_path="./assets", dump_folder="./run",
+                                           seq_len=arch.max_seq_len, save_config_file="job_config.json",
+                                           custom_import=module)
+        else:
+            job = job_config_dict(arch, flavor="molgen_tiny", hf_assets_path="./assets", dump_folder="./run",
+                                  seq_len=arch.max_seq_len)
         job_config.write_text(json.dumps(job, indent=2) + "\n")
     ids = [i for line in synthetic_corpus(seed=seed + 1) for i in tokenizer.encode(line).ids + [eos_id]]
     tokens = torch.tensor(ids, dtype=torch.long)

@@ -3,7 +3,6 @@ and check it against the checkpoint's tensor shapes, which are the truth of what
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -18,28 +17,16 @@ QWEN3_ROPE_THETA = 1_000_000.0
 
 
 def require_torchtitan() -> None:
-    """Make sure the installed torchtitan has the 0.3 model API the export maps names and verifies with.
+    """Make sure a supported torchtitan (0.2.1 or 0.3.x) is installed and its Qwen3 model imports.
 
     Raises:
-        DependencyError: torchtitan missing, or a version without `torchtitan.models.common` (e.g. 0.2.1).
+        DependencyError: torchtitan missing, of an unsupported version, or not importable.
     """
-    from molgen_export.errors import DependencyError
+    from molgen_export.mapping import titan
 
-    try:
-        import torchtitan.models.common  # noqa: F401
-        import torchtitan.models.qwen3  # noqa: F401
-    except ImportError as exc:
-        try:
-            import importlib.metadata as md
+    titan.installed()
 
-            version = md.version("torchtitan")
-        except Exception:
-            version = "none"
-        raise DependencyError(
-            f"molgen_export needs torchtitan 0.3 (its Qwen3 model and state-dict adapter) but found torchtitan "
-            f"{version} ({type(exc).__name__}: {exc})",
-            hint="run the export in an environment with torchtitan>=0.3,<0.4 (it does not import with torch 2.11); checkpoints written "
-                 "by TorchTitan 0.2 are read fine there") from exc
+
 QWEN3_NORM_EPS = 1e-6
 
 
@@ -77,53 +64,31 @@ class Qwen3Arch:
     """HF `rope_scaling` (`rope_type` and its parameters) for a scaled RoPE; None for plain RoPE."""
 
     def titan_model_config(self, *, tie: bool | None = None, fused_qkv: bool = False):
-        """A torchtitan `Qwen3Model.Config` of this architecture, with causal SDPA attention for one-process use."""
-        require_torchtitan()
-        import torchtitan.models.qwen3 as qwen3
-        from torchtitan.models.common import CosSinRoPE, Embedding, Linear
-        from torchtitan.models.common.attention import ScaledDotProductAttention
+        """The installed torchtitan's Qwen3 model config of this architecture (0.3 `Qwen3Model.Config`, 0.2.1
+        `Qwen3ModelArgs`), with causal SDPA attention for one-process use.
 
-        norm = qwen3.RMSNorm.Config(normalized_shape=self.dim, eps=self.norm_eps)
-        rope = CosSinRoPE.Config(dim=self.head_dim, max_seq_len=self.max_seq_len, theta=self.rope_theta)
-        shared = dict(fuse_qkv=fused_qkv, n_layers=self.n_layers, dim=self.dim, n_heads=self.n_heads,
-                      n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, attn_backend="flex", rope=rope)
-        layers = qwen3._build_qwen3_layers(hidden_dim=self.hidden_dim, **shared)
-        if self.moe is not None:
-            moe_layers = qwen3._build_qwen3_moe_layers(
-                moe_hidden_dim=self.moe.moe_hidden_dim, num_experts=self.moe.num_experts, top_k=self.moe.top_k,
-                moe_comm_backend="standard", **shared)
-            for i in self.moe.moe_layers:
-                layers[i] = moe_layers[i]
-                layers[i].moe.router = dataclasses.replace(layers[i].moe.router, route_norm=self.moe.norm_topk_prob)
-        for layer in layers:
-            layer.attention_norm = dataclasses.replace(layer.attention_norm, eps=self.norm_eps)
-            layer.ffn_norm = dataclasses.replace(layer.ffn_norm, eps=self.norm_eps)
-            layer.attention.qk_norm = dataclasses.replace(layer.attention.qk_norm, eps=self.norm_eps)
-            # flex attention needs block masks built from document positions; a plain causal SDPA
-            # computes the same thing for unpacked sequences and runs anywhere.
-            layer.attention.inner_attention = ScaledDotProductAttention.Config()
-        return qwen3.Qwen3Model.Config(
-            vocab_size=self.vocab_size, dim=self.dim, norm=norm,
-            enable_weight_tying=self.tie_word_embeddings if tie is None else tie,
-            tok_embeddings=Embedding.Config(num_embeddings=self.vocab_size, embedding_dim=self.dim),
-            lm_head=Linear.Config(in_features=self.dim, out_features=self.vocab_size),
-            layers=layers)
+        Raises:
+            DependencyError: no supported torchtitan.
+            ConfigError: the installed torchtitan cannot express this architecture (0.2.1: mixed dense/MoE layers).
+        """
+        from molgen_export.mapping import titan
+
+        return titan.installed().model_config(self, tie=tie, fused_qkv=fused_qkv)
 
 
-def dims_from_flavor(model_name: str | None, flavor: str | None) -> ModelDims | None:
+def dims_from_flavor(model_name: str | None, flavor: str | None, *, custom_import: str | None = None,
+                     launch_dir: Path | None = None) -> ModelDims | None:
     """Dims of a flavor in the installed torchtitan's Qwen3 registry, or None when it is not there."""
     if not flavor or (model_name and model_name != "qwen3"):
         return None
+    from molgen_export.mapping import titan
+
     try:
-        from torchtitan.models.qwen3 import qwen3_configs
+        api = titan.installed()
     except ImportError:
         return None
-    factory = qwen3_configs.get(flavor)
-    if factory is None:
-        return None
-    from molgen_export.mapping.run_config import _dims_from_titan03_model
-
-    return _dims_from_titan03_model(factory(attn_backend="flex").to_dict())
+    config = api.flavor_config(model_name, flavor, custom_import=custom_import, launch_dir=launch_dir)
+    return api.config_dims(config) if config is not None else None
 
 
 def dims_from_hf_config(hf_config: dict) -> ModelDims:
@@ -237,7 +202,8 @@ def resolve_architecture(run: RunConfig, facts: ShapeFacts, base_hf_config: dict
     sources: list[tuple[str, ModelDims]] = []
     if run.dims.dim is not None:
         sources.append((f"run config {run.source.name}", run.dims))
-    flavor_dims = dims_from_flavor(run.model_name, run.flavor)
+    flavor_dims = dims_from_flavor(run.model_name, run.flavor, custom_import=run.custom_import,
+                                   launch_dir=run.launch_dir)
     if flavor_dims is not None:
         sources.append((f"torchtitan flavor {run.flavor!r}", flavor_dims))
     base_dims = dims_from_hf_config(base_hf_config)

@@ -192,11 +192,10 @@ def map_to_hf(sources: dict[str, TensorSource], titan_model_config) -> dict[str,
     Raises:
         MappingError: a key the adapter does not map (it would drop it silently), naming every such key.
     """
-    import dataclasses
+    from molgen_export.mapping import titan
 
-    from torchtitan.models.qwen3 import Qwen3StateDictAdapter
-
-    adapter = Qwen3StateDictAdapter(dataclasses.replace(titan_model_config, enable_weight_tying=False), None)
+    api = titan.installed()  # the adapter speaks the installed model's own names (0.2.1: attention.wq, ...)
+    adapter = api.state_dict_adapter(titan_model_config)
     mapping: dict[str, str] = {}
     unmapped: list[str] = []
     experts_by_key: dict[str, list[str]] = {}
@@ -209,7 +208,8 @@ def map_to_hf(sources: dict[str, TensorSource], titan_model_config) -> dict[str,
             grouped = source.grouped_key
             if grouped not in experts_by_key:
                 count = counts[grouped]
-                produced = adapter.to_hf({grouped: torch.empty((count, *source.shape), device="meta")})
+                produced = adapter.to_hf({api.native_key(grouped): torch.empty((count, *source.shape),
+                                                                               device="meta")})
                 experts_by_key[grouped] = list(produced)  # the adapter emits experts in numeric order
             hf_keys = experts_by_key[grouped]
             if len(hf_keys) <= source.expert:
@@ -222,7 +222,7 @@ def map_to_hf(sources: dict[str, TensorSource], titan_model_config) -> dict[str,
             mapping[titan_key] = hf_key
             continue
         placeholder = torch.empty(source.shape, device="meta")
-        produced = adapter.to_hf({titan_key: placeholder})
+        produced = adapter.to_hf({api.native_key(titan_key): placeholder})
         if len(produced) != 1:
             unmapped.append(f"{source.checkpoint_key} (as {titan_key})")
             continue

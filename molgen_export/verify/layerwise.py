@@ -136,15 +136,9 @@ class HFWeights:
 
 def _titan_block(config, device: str) -> torch.nn.Module:
     """One TorchTitan block of the model config (layer-wise mode is for dense models: every block alike)."""
-    from torchtitan.models.common.rope import RoPE
+    from molgen_export.mapping import titan
 
-    with torch.device("meta"):
-        block = config.layers[0].build()
-    block.to_empty(device=device)
-    for module in block.modules():
-        if isinstance(module, RoPE):
-            module.init_states(buffer_device=torch.device(device))
-    return block.eval()
+    return titan.installed().block(config, device)
 
 
 def _hf_layer(hf_config, device: str) -> torch.nn.Module:
@@ -166,14 +160,19 @@ def _params(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 def _fill_block(titan: WeightSource, block: torch.nn.Module, prefix: str) -> None:
     """Load a TorchTitan block's weights: straight into its parameters, or through `load_state_dict` when its
     state dict names other tensors than its parameters (a fused QKV projection saves wq/wk/wv)."""
+    from molgen_export.mapping.keymap import canonical_titan_key
+
+    def canonical(name: str) -> str:  # the installed block's own names (0.2.1: attention.wq) -> canonical
+        return canonical_titan_key(f"{prefix}{name}")[0]
+
     params = dict(block.named_parameters())
     state = block.state_dict()
     if set(params) == set(state):
-        titan.fill({f"{prefix}{name}": param.data for name, param in params.items()})
+        titan.fill({canonical(name): param.data for name, param in params.items()})
         return
     targets = {name: torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
                for name, tensor in state.items()}
-    titan.fill({f"{prefix}{name}": tensor for name, tensor in targets.items()})
+    titan.fill({canonical(name): tensor for name, tensor in targets.items()})
     block.load_state_dict(targets, strict=True)
 
 
@@ -225,6 +224,9 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
     from molgen_export.verify.logit_gate import FidelityResult, titan_config
 
     titan_model_config = titan_config(reference if reference is not None else arch, tie=tie)
+    from molgen_export.mapping import titan as titan_api
+
+    api = titan_api.installed()
     began = time.perf_counter()
     hf_config = AutoConfig.from_pretrained(hf_dir)
     hf_config._attn_implementation = "sdpa"
@@ -265,7 +267,7 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
             titan_block, hf_layer = sets[which]
             stage = _Diff(f"layer {layer}")
             for b in range(len(batches)):
-                titan_h[b] = titan_block(titan_h[b], None, None)
+                titan_h[b] = api.block_forward(titan_block, titan_h[b])
                 out = hf_layer(hf_h[b], attention_mask=None, position_ids=positions[b], position_embeddings=rope[b])
                 hf_h[b] = out[0] if isinstance(out, tuple) else out
                 stage.update(titan_h[b], hf_h[b])
@@ -273,7 +275,7 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
             if layer + 1 < arch.n_layers and not prefetch:
                 pending = pool.submit(load, layer + 1, 0)
         sets.clear()
-        titan_norm = titan_model_config.norm.build().to(device)
+        titan_norm = api.final_norm(titan_model_config).to(device)
         hf_norm = Qwen3RMSNorm(hf_config.hidden_size, eps=hf_config.rms_norm_eps).to(device)
         titan.fill({"norm.weight": titan_norm.weight.data})
         hf.fill({"model.norm.weight": hf_norm.weight.data})

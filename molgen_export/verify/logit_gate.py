@@ -66,24 +66,6 @@ def fixed_token_batch(vocab_limit: int, *, batch: int = 2, length: int = 32, see
     return torch.randint(0, vocab_limit, (batch, length), generator=generator)
 
 
-def _float32_grouped_experts(self, x_RD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """TorchTitan's `GroupedExperts.forward` math, in float32, one expert at a time.
-
-    TorchTitan runs its grouped expert GEMMs in bfloat16 whatever the model dtype; the reference must compute in
-    float32 like the rest of the comparison, or bf16 rounding (not a mapping error) dominates the difference.
-    """
-    outputs = []
-    start = 0
-    for expert, count in enumerate(num_tokens_per_expert_E.tolist()):
-        x = x_RD[start:start + count].float()
-        hidden = torch.nn.functional.silu(x @ self.w1_EFD[expert].float().T) * (x @ self.w3_EFD[expert].float().T)
-        outputs.append(hidden @ self.w2_EDF[expert].float().T)
-        start += count
-    if start < x_RD.shape[0]:  # padding rows the dispatcher may add
-        outputs.append(torch.zeros(x_RD.shape[0] - start, x_RD.shape[1], dtype=torch.float32, device=x_RD.device))
-    return torch.cat(outputs).type_as(x_RD)
-
-
 def titan_config(model: Qwen3Arch | object, *, tie: bool):
     """A torchtitan model config with the head tied or not: `model` is a torchtitan config (the verifier's
     reference, from the run's own model config) or, for conversions with no run config, a `Qwen3Arch`."""
@@ -103,29 +85,23 @@ def build_titan_model(model: Qwen3Arch | object, titan_state: dict[str, torch.Te
 
     `load_state_dict` is used (not copies into `state_dict()` tensors) so a fused QKV parameter would be updated.
     """
+    from molgen_export.mapping import titan as titan_api
+
+    api = titan_api.installed()
     config = titan_config(model, tie=tie)
-    with torch.device("meta"):
-        model = config.build()
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.init_states(buffer_device=torch.device(device))
+    model = api.build_model(config, device)
     state = {k: v.to(device=device, dtype=torch.float32) for k, v in titan_state.items()}
     if tie:
         state.setdefault("lm_head.weight", state["tok_embeddings.weight"])
+    state = {api.native_key(k): v for k, v in state.items()}  # the installed model's own names
     for key, buffer in model.state_dict().items():
         # the MoE load-balancing bias is not exported (HF routes without it): the reference routes without it
         # too; a non-zero bias was refused or recorded before we got here (checks.check_expert_bias)
-        if key.endswith("expert_bias_E") and key not in state:
+        if key.endswith(("moe.expert_bias_E", "moe.expert_bias")) and key not in state:
             state[key] = torch.zeros_like(buffer)
     model.load_state_dict(state, strict=True)
-    if any(getattr(layer, "moe", None) is not None for layer in config.layers):
-        import types
-
-        from torchtitan.models.common.moe import GroupedExperts
-
-        for module in model.modules():
-            if isinstance(module, GroupedExperts):
-                module.forward = types.MethodType(_float32_grouped_experts, module)
+    if api.is_moe(config):
+        api.float32_experts(model)
     return model.eval()
 
 
@@ -188,9 +164,10 @@ class RoutingRecorder:
     """
 
     def __init__(self, titan_model: torch.nn.Module, hf_model: torch.nn.Module):
-        from torchtitan.models.common.moe import TokenChoiceTopKRouter
+        from molgen_export.mapping import titan
 
-        self.titan_routers = [m for m in titan_model.modules() if isinstance(m, TokenChoiceTopKRouter)]
+        router = titan.installed().router_class()
+        self.titan_routers = [m for m in titan_model.modules() if isinstance(m, router)]
         self.hf_gates = [m.gate for m in hf_model.modules() if type(m).__name__.endswith("SparseMoeBlock")]
         self.picks: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]] = ([], [])
         self.layers: list[dict] = []

@@ -10,7 +10,6 @@ routing. Cheap: a few layers, at most `PROBE_VOCAB` embedding rows and `PROBE_EX
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import tempfile
@@ -35,32 +34,6 @@ def _probe_layers(n_layers: int, moe_layers: tuple[int, ...], whole: bool) -> li
         return list(range(n_layers))
     dense = [i for i in range(n_layers) if i not in moe_layers]
     return sorted({i for i in (dense[:1] + list(moe_layers[:1])) if i is not None} or {0})
-
-
-def _shrink(config, layers: list[int], vocab: int, experts: int | None):
-    """The reference config cut to `layers`, `vocab` rows and `experts` experts per MoE layer."""
-    import dataclasses
-
-    config = copy.deepcopy(config)
-    config.layers = [config.layers[i] for i in layers]
-    config.vocab_size = vocab
-    config.tok_embeddings = dataclasses.replace(config.tok_embeddings, num_embeddings=vocab)
-    config.lm_head = dataclasses.replace(config.lm_head, out_features=vocab)
-    for layer in config.layers:
-        moe = getattr(layer, "moe", None)
-        if moe is None or experts is None:
-            continue
-        top_k = min(moe.router.top_k, experts)
-        moe.num_experts = experts
-        moe.routed_experts.inner_experts.num_experts = experts
-        dispatcher = moe.routed_experts.token_dispatcher
-        for name, value in (("num_experts", experts), ("top_k", top_k)):
-            if hasattr(dispatcher, name):
-                setattr(dispatcher, name, value)
-        moe.router.num_experts = experts
-        moe.router.top_k = top_k
-        moe.router.gate = dataclasses.replace(moe.router.gate, out_features=experts)
-    return config
 
 
 def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -134,15 +107,16 @@ def run_probe(plan, hf_config: dict, *, tie: bool, tolerance: float, whole: bool
     layers = _probe_layers(arch.n_layers, moe_layers, whole)
     vocab = min(arch.vocab_size, PROBE_VOCAB)
     experts = min(arch.moe.num_experts, PROBE_EXPERTS) if arch.moe else None
-    config = _shrink(logit_gate.titan_config(plan.reference.config, tie=tie), layers, vocab, experts)
+    from molgen_export.mapping import titan
+
+    api = titan.installed()
+    config = api.shrink_config(logit_gate.titan_config(plan.reference.config, tie=tie), layers, vocab, experts)
     generator = torch.Generator().manual_seed(PROBE_SEED)
-    with torch.device("meta"):
-        titan_model = config.build()
-    titan_model.to_empty(device="cpu")
-    with torch.no_grad():
-        titan_model.init_states(buffer_device=torch.device("cpu"))
+    titan_model = api.build_model(config, "cpu")
     _randomize(titan_model, generator)
-    rounded = {k: v.detach().to(plan.export_dtype) for k, v in titan_model.state_dict().items()}
+    # under canonical names (the installed model's own may be 0.2.1's), as the checkpoint's sources are
+    rounded = {keymap.canonical_titan_key(k)[0]: v.detach().to(plan.export_dtype)
+               for k, v in titan_model.state_dict().items()}
     titan_model = logit_gate.build_titan_model(config, {k: v.float() for k, v in rounded.items()
                                                       if not k.endswith("expert_bias_E")}, tie=tie)
 

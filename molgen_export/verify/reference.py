@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from molgen_export.errors import ConfigError
+from molgen_export.verify.field_rules import FieldDecision, Rule, same_value
 
 _SKIPPED_SUBTREES = ("param_init", "sharding_config")
 """Initialization functions and parallel sharding: never part of the forward of a loaded model."""
@@ -27,22 +28,6 @@ _SKIPPED_SUBTREES = ("param_init", "sharding_config")
 _ATTENTION_BACKEND = "inner_attention"
 """The attention kernel (flex / varlen); the reference runs causal SDPA, which computes the same for one causal
 sequence; its forward-relevant fields (a sliding window) are checked by the rules below."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What the export does with one model-config field (paths with `layers.*` for every layer)."""
-
-    pattern: str
-    action: str
-    """`mapped` (carried to the HF config; the gate proves it), `irrelevant` (not part of the forward),
-    `required` (must equal `value`, else the export is refused), `present` (refused when None)."""
-    target: str = ""
-    """For `mapped`: the HF config field; for the others: the reason."""
-    value: Any = None
-
-    def matches(self, path: str) -> bool:
-        return re.fullmatch(self.pattern.replace(".", r"\.").replace("*", r"[^.]+"), path) is not None
 
 
 _LINEAR_DIMS = ("in_features", "out_features")
@@ -126,27 +111,7 @@ def _rules() -> tuple[Rule, ...]:
 RULES = _rules()
 
 
-@dataclass(frozen=True)
-class FieldDecision:
-    """One leaf of the run's model config and what the export does with it."""
-
-    path: str
-    value: Any
-    rule: Rule | None
-
-    @property
-    def refused(self) -> bool:
-        if self.rule is None:
-            return True
-        if self.rule.action == "present":
-            return self.value is None
-        return self.rule.action == "required" and not _same(self.value, self.rule.value)
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return float(a) == float(b)
-    return a == b
+_same = same_value
 
 
 _WHOLE_VALUES = {"layers.*.attention.inner_attention.kernel_options"}
@@ -387,6 +352,11 @@ def build_reference(run, arch, *, checkpoint_fused_qkv: bool) -> Reference:
     Raises:
         ConfigError: a refused run setting, or a run model config that does not fit the checkpoint.
     """
+    from molgen_export.mapping import titan
+
+    api = titan.installed()
+    if api.release < (0, 3, 0):
+        return _build_reference_titan021(run, arch, api)
     model = getattr(run, "titan_model", None)
     if model:
         return reference_from_run_model(model, lambda fused: skeleton_config(arch, fused_qkv=fused),
@@ -407,3 +377,18 @@ def build_reference(run, arch, *, checkpoint_fused_qkv: bool) -> Reference:
     _with_sdpa(config)
     return Reference(config, "architecture read off the checkpoint's shapes and the base config.json (the run "
                              "config carries no model config: a custom flavor)", checkpoint_fused_qkv)
+
+
+def _build_reference_titan021(run, arch, api) -> Reference:
+    """Under torchtitan 0.2.1: the run's flavor from the installed registry (`Qwen3ModelArgs`), else the custom-flavor
+    fallback. The 0.2.1 model has separate wq/wk/wv, so a fused checkpoint is split for it (`fused_qkv` False)."""
+    from molgen_export.verify import reference_titan021
+
+    found = reference_titan021.reference_args(run, api, _model_config_file(run).name, seq_len=run.seq_len)
+    if found is not None:
+        config, decisions = found
+        return Reference(config, f"torchtitan flavor {run.flavor!r} (installed torchtitan {api.version} registry, "
+                                 "Qwen3ModelArgs)", False, None, decisions)
+    return Reference(arch.titan_model_config(fused_qkv=False),
+                     "architecture read off the checkpoint's shapes and the base config.json (the flavor is not in "
+                     f"the installed torchtitan {api.version} registry: a custom flavor)", False)
