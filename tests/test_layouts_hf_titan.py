@@ -197,3 +197,42 @@ def test_nan_in_the_source_is_refused_naming_both_keys(hf_folders, tmp_path):
     assert "layers.1.attention.qkv_linear.wk.weight" in str(info.value)
     assert "model.layers.1.self_attn.k_proj.weight" in str(info.value) and "1 NaN" in str(info.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))  # no leftovers
+
+
+def test_export_titan_skips_only_when_every_input_matches_and_refuses_a_foreign_folder(hf_folders, tmp_path):
+    """export-titan runs the DCP export's skeleton (issue 13): an export is skipped only when the source, the dtype,
+    the shard size, the assets and the format all match what the folder records; a folder molgen_export did not
+    write is refused without --force, and replaced with it."""
+    from molgen_export.convert.hf_titan import export_titan, import_hf
+    from molgen_export.options import ExportOptions
+
+    source = hf_folders["untied-fp32"]
+    titan, out = tmp_path / "titan", tmp_path / "back"
+    import_hf(source, titan, verify=False)
+    options = ExportOptions(hf_assets=source, skip_logits=True)
+    first = export_titan(titan, out, options)
+    assert first.status == "exported" and first.replaced == [] and first.export_dtype == "float32"
+    weights = (out / "model.safetensors").read_bytes()
+
+    again = export_titan(titan, out, options)
+    assert again.status == "skipped" and not again.written and again.output_inputs == first.output_inputs
+    assert json.loads((out / "export_report.json").read_text())["status"] == "exported"  # the folder was kept
+
+    other_dtype = export_titan(titan, out, ExportOptions(hf_assets=source, skip_logits=True, dtype="bfloat16"))
+    assert other_dtype.status == "exported" and other_dtype.replaced == ["export_dtype"]
+    assert json.loads((out / "export_report.json").read_text())["export_dtype"] == "bfloat16"
+    assert (out / "model.safetensors").read_bytes() != weights
+    other_shards = export_titan(titan, out, ExportOptions(hf_assets=source, skip_logits=True, dtype="bfloat16",
+                                                          max_shard_size="60KB"))
+    assert other_shards.status == "exported" and other_shards.replaced == ["max_shard_bytes"]
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a molgen_export export") as info:
+        export_titan(titan, foreign, options)
+    assert "--force" in str(info.value)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"] and not list(tmp_path.glob(".foreign.tmp-*"))
+    forced = export_titan(titan, foreign, ExportOptions(hf_assets=source, skip_logits=True, force=True))
+    assert forced.status == "exported" and forced.replaced == ["--force"] and not (foreign / "notes.txt").exists()

@@ -145,9 +145,10 @@ def decide_tie(source: WeightsFolder, hf_config: dict) -> tuple[bool, checks.Fin
         return False, checks.Finding("tied_weights", True, "untied: lm_head.weight imported as lm_head.weight")
     if not has_head:
         return True, checks.Finding("tied_weights", True, "tied: lm_head.weight := tok_embeddings.weight")
-    embedding = source.read("model.embed_tokens.weight")
-    head = source.read("lm_head.weight")
-    if embedding.shape != head.shape or not torch.equal(embedding, head):
+    # the export's tie check, bit for bit (the finding is the import's own; the difference is not measured)
+    _, equal = checks.check_tied_weights(source.read("model.embed_tokens.weight"), source.read("lm_head.weight"),
+                                         run_says_tied=False)
+    if not equal:
         raise ConfigError(f"{path} ties the head to the embedding but the file's lm_head.weight differs from "
                           "model.embed_tokens.weight; transformers ignores the file's head in that case "
                           "(huggingface/transformers#41038), so which head is meant is ambiguous", path=path,

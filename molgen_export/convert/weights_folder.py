@@ -1,8 +1,8 @@
 """Read a folder of weights tensor by tensor: safetensors (one file, or shards with an index) or `.bin` files
 loaded with `weights_only=True`. Names, shapes and dtypes come from the headers before any data is read.
 
-`WeightsFolder` also has the tensor-source interface `export.plan_source` takes (the one of
-`dcp_read.StepMetadata`), so TorchTitan-named safetensors go through the same export pipeline as DCP steps.
+`WeightsFolder` is a `dcp.source.TensorSource` (as a DCP step's `read.StepMetadata` is), so TorchTitan-named
+safetensors go through the same export pipeline as DCP steps.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import logging
 import pickle
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +62,8 @@ class WeightsFolder:
     other_bytes = 0
     """No optimizer or training state lives in a weights folder."""
     other_keys = 0
+    reads_in_place = False
+    """Tensors are read whole with `read` (no DCP chunks to read in place)."""
 
     def __init__(self, folder: Path, model: dict[str, WeightEntry], fmt: str, bin_states: dict[str, dict] | None = None):
         self.step_dir = folder
@@ -116,11 +117,6 @@ class WeightsFolder:
         if counter is not None:
             counter.add(entry.stored_bytes)
         return tensor
-
-    def iter(self, keys: Iterable[str], counter=None) -> Iterator[tuple[str, torch.Tensor]]:
-        """`(key, tensor)` pairs in the given order, one tensor in memory at a time."""
-        for key in keys:
-            yield key, self.read(key, counter)
 
     def fingerprint(self) -> str:
         """sha256 over every tensor's name, file, dtype and shape, and the files' names and sizes."""

@@ -129,6 +129,8 @@ class StepMetadata:
     """Shard file name -> the byte where its last item (model or not) ends, per the metadata."""
     records: dict = field(default_factory=dict, compare=False, repr=False)
     """(fqn, chunk index) -> `TensorRecord`, or None when the chunk is not readable in place (a cache)."""
+    reads_in_place = True
+    """A `source.TensorSource` whose entries carry DCP chunks: `stream` reads them in place, in row ranges."""
 
     @property
     def model_bytes(self) -> int:

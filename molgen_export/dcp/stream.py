@@ -4,9 +4,9 @@ The export's memory then stays flat in the model's size: a piece is at most `pie
 (dim 0) of one tensor, read with one large `pread` straight from the shard into a pooled buffer (no
 intermediate copy, no fresh allocation to page-fault in), while the caller casts and writes the pieces before.
 Small items (up to `read.SMALL_ITEM_BYTES`) are read whole, headers included, in one `pread`.
-Chunks that cannot be read in place (see `dcp_read`), and tensor sources other than a DCP step (any object
-with `model` and `read(key, counter)`, e.g. `layouts.folder_read.WeightsFolder`), are read whole and handed
-out in row slices.
+Chunks that cannot be read in place (see `dcp_read`), and tensor sources other than a DCP step (a
+`source.TensorSource` whose `reads_in_place` is False, e.g. `convert.weights_folder.WeightsFolder`), are read
+whole and handed out in row slices.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _shape_rows(shape: tuple[int, ...]) -> int:
 def disk_order(source, fqns: Iterable[str]) -> list[str]:
     """`fqns` sorted by where their first chunk lies (file, offset), for sequential reads; other sources: as given."""
     fqns = list(fqns)
-    if not isinstance(source, read.StepMetadata):
+    if not source.reads_in_place:
         return fqns
 
     def where(fqn: str):
@@ -92,7 +92,7 @@ def disk_order(source, fqns: Iterable[str]) -> list[str]:
 
 def _boundaries(source, fqn: str) -> list[int] | None:
     """Row boundaries of the chunks of a DCP tensor readable in row ranges, else None."""
-    if not isinstance(source, read.StepMetadata):
+    if not source.reads_in_place:
         return None
     entry = source.model[fqn]
     if not entry.shape or not entry.row_chunked or any(c.transforms for c in entry.chunks):
@@ -176,7 +176,7 @@ class _Reader:
 
     def hint(self, request: PieceRequest) -> None:
         """Ask the kernel to start reading a coming request's bytes (the disk works while we copy and cast)."""
-        if not isinstance(self.source, read.StepMetadata) or request.chunk is None:
+        if not self.source.reads_in_place or request.chunk is None:
             return
         entry = self.source.model[request.fqn]
         chunk = entry.chunks[request.chunk]
@@ -252,7 +252,7 @@ class _Reader:
         entry = source.model[request.fqn]
         start = time.perf_counter()
         try:
-            if isinstance(source, read.StepMetadata) and request.chunk is not None:
+            if source.reads_in_place and request.chunk is not None:
                 if entry.chunks[request.chunk].length <= read.SMALL_ITEM_BYTES:
                     return self._fill_small(request, slot, entry)
                 record = read.chunk_record(source, request.fqn, request.chunk, self.counter)

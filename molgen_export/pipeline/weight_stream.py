@@ -28,6 +28,7 @@ import torch
 from molgen_export.verify import checks
 from molgen_export.dcp import read
 from molgen_export.dcp import stream
+from molgen_export.dcp.source import TensorSource
 from molgen_export.mapping import keymap
 from molgen_export.hf import safetensors_writer
 from molgen_export.cancel import CancelToken, check_cancel
@@ -40,8 +41,6 @@ the CLI passes one when it writes to a terminal (the library, the watcher and pi
 
 CAST_BYTES = 32 << 20
 """Size of the reusable buffer a piece is cast into (a piece is cast in blocks of whole rows)."""
-
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @contextmanager
@@ -87,16 +86,6 @@ class Caster:
             yield start, (out if tensor.dim() else out.reshape(()))
 
 
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits (NaN payloads included), unlike `torch.equal` on floats."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    bits = _BITS.get(a.dtype.itemsize)
-    if bits is None or not a.is_floating_point():
-        return torch.equal(a, b)
-    return torch.equal(a.view(bits), b.view(bits))
-
-
 @dataclass
 class StreamOutcome:
     """What streaming the weights decided and saw."""
@@ -116,7 +105,7 @@ class WeightStreamer:
     """Streams one planned export's weights into a safetensors writer.
 
     Args:
-        source: the tensor source (`read.StepMetadata`, or any object with `model` and `read`).
+        source: the tensor source (`dcp.source.TensorSource`: a DCP step or a weights folder).
         sources: canonical TorchTitan key -> where its values come from.
         mapping: canonical TorchTitan key -> HF key.
         dtype: the export dtype.
@@ -128,7 +117,8 @@ class WeightStreamer:
         progress: makes a progress bar for the stream; None: no bar.
     """
 
-    def __init__(self, source, sources: dict[str, keymap.TensorSource], mapping: dict[str, str], dtype: torch.dtype,
+    def __init__(self, source: TensorSource, sources: dict[str, keymap.TensorSource], mapping: dict[str, str],
+                 dtype: torch.dtype,
                  arch_heads: tuple[int, int, int],
                  open_writer: Callable[[list[safetensors_writer.PlannedTensor]], safetensors_writer.SafetensorsWriter],
                  counter: read.ByteCounter, piece_bytes: int = stream.DEFAULT_PIECE_BYTES, *,
@@ -242,17 +232,16 @@ class WeightStreamer:
         head = self.sources.get("lm_head.weight")
         if head is None:
             outcome = self._open(True)
-            outcome.tie_finding, _ = checks.tied_weights_finding(has_head=False, equal=True, max_diff=None,
-                                                                 run_says_tied=run_says_tied)
+            outcome.tie_finding, _ = checks.TieCheck(run_says_tied).finding(has_head=False)
             with closing(self._stream(stream.plan_requests(self.source, [embed.checkpoint_key],
                                                                self.piece_bytes))) as pieces:
                 for (piece,) in pieces:
                     self._emit(outcome, embed.titan_key, piece.row_start, piece.tensor)
             return outcome
         pairs = stream.plan_pairs(self.source, embed.checkpoint_key, head.checkpoint_key, self.piece_bytes // 2)
-        equal = tuple(self.source.model[embed.checkpoint_key].shape) == tuple(self.source.model[head.checkpoint_key].shape)
-        outcome = self._open(equal)  # guess tied while they can be equal: a truly untied head differs at once
-        max_diff = 0.0
+        same_shape = tuple(self.source.model[embed.checkpoint_key].shape) == tuple(self.source.model[head.checkpoint_key].shape)
+        check = checks.TieCheck(run_says_tied)
+        outcome = self._open(same_shape)  # guess tied while they can be equal: a truly untied head differs at once
         rereads = 0
         position = 0
         while position < len(pairs):
@@ -260,14 +249,15 @@ class WeightStreamer:
             with closing(self._stream(pairs[position:])) as pieces:
                 for e, h in pieces:
                     position += 1
-                    if equal:
+                    if not outcome.tie:  # written untied: the check only measures the difference (run claims tying)
+                        check.add(e.tensor, h.tensor)
+                    else:
                         began = time.perf_counter()
-                        same = bitwise_equal(e.tensor, h.tensor)
+                        same = check.add(e.tensor, h.tensor)
                         self.seconds["compare"] += time.perf_counter() - began
                         if same:
                             self._emit(outcome, embed.titan_key, e.row_start, e.tensor, also_counts_for=head.titan_key)
                             continue
-                        equal = False
                         outcome = self._open(False)
                         if position > 1:  # the tied layout already held pieces: read those again, untied
                             rereads = position - 1
@@ -278,14 +268,11 @@ class WeightStreamer:
                             break
                     self._emit(outcome, embed.titan_key, e.row_start, e.tensor)
                     self._emit(outcome, head.titan_key, h.row_start, h.tensor)
-                    if run_says_tied:
-                        max_diff = max(max_diff, _max_abs_diff(e.tensor, h.tensor))
             if not restart:
                 break
-        outcome.tie = equal
+        outcome.tie = same_shape and check.equal
         outcome.rereads = rereads
-        outcome.tie_finding, _ = checks.tied_weights_finding(
-            has_head=True, equal=equal, max_diff=None if equal else max_diff, run_says_tied=run_says_tied)
+        outcome.tie_finding, _ = check.finding()
         return outcome
 
     def stream_known_tie(self, tie: bool) -> StreamOutcome:
@@ -332,41 +319,28 @@ class WeightStreamer:
                         self._emit(outcome, item.titan_key, 0, value)
 
 
-def decide_tie(source, sources: dict[str, keymap.TensorSource], run_says_tied: bool,
+def decide_tie(source: TensorSource, sources: dict[str, keymap.TensorSource], run_says_tied: bool,
                counter: read.ByteCounter | None = None,
                piece_bytes: int = stream.DEFAULT_PIECE_BYTES) -> tuple[bool, checks.Finding]:
-    """Compare the head with the embedding piece by piece, writing nothing (the distributed export decides the
-    tie on rank 0 before the ranks plan their shards).
+    """Run the tie check (`checks.TieCheck`) on the head and the embedding piece by piece, writing nothing (the
+    distributed export decides the tie on rank 0 before the ranks plan their shards).
 
     Returns:
         Whether to write the model tied, and the tied-weights finding.
     """
     embed = sources["tok_embeddings.weight"]
     head = sources.get("lm_head.weight")
+    check = checks.TieCheck(run_says_tied)
     if head is None:
-        return True, checks.tied_weights_finding(has_head=False, equal=True, max_diff=None,
-                                                 run_says_tied=run_says_tied)[0]
-    equal = tuple(source.model[embed.checkpoint_key].shape) == tuple(source.model[head.checkpoint_key].shape)
-    max_diff = 0.0
-    if equal:
-        pairs = stream.plan_pairs(source, embed.checkpoint_key, head.checkpoint_key, piece_bytes // 2)
-        with closing(stream.stream_pieces(source, pairs, counter, piece_bytes=piece_bytes)) as pieces:
-            for e, h in pieces:
-                if not bitwise_equal(e.tensor, h.tensor):
-                    equal = False
-                if run_says_tied and not equal:
-                    max_diff = max(max_diff, _max_abs_diff(e.tensor, h.tensor))
-                elif not equal:
-                    break
-    finding, _ = checks.tied_weights_finding(has_head=True, equal=equal, max_diff=None if equal else max_diff,
-                                             run_says_tied=run_says_tied)
-    return equal, finding
-
-
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("nan")
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+        return True, check.finding(has_head=False)[0]
+    pairs = stream.plan_pairs(source, embed.checkpoint_key, head.checkpoint_key, piece_bytes // 2)
+    with closing(stream.stream_pieces(source, pairs, counter, piece_bytes=piece_bytes)) as pieces:
+        for e, h in pieces:
+            check.add(e.tensor, h.tensor)
+            if not check.wants_more:
+                break
+    finding, tie = check.finding()
+    return tie, finding
 
 
 class TitanWeights:
@@ -377,7 +351,7 @@ class TitanWeights:
     request ends the logit gate at its next layer (`ExportAborted`).
     """
 
-    def __init__(self, source, sources: dict[str, keymap.TensorSource], dtype: torch.dtype,
+    def __init__(self, source: TensorSource, sources: dict[str, keymap.TensorSource], dtype: torch.dtype,
                  arch_heads: tuple[int, int, int], counter: read.ByteCounter | None = None,
                  piece_bytes: int = 16 << 20, keep_fused: bool = False, cancel: CancelToken | None = None):
         self.source = source
@@ -450,7 +424,7 @@ class TitanWeights:
         """Rows `start:stop` of a tensor (embedding lookups, head blocks), rounded to the export dtype."""
         check_cancel(self.cancel, f"verifying {titan_key}")
         item = self._canonical[titan_key]
-        if item.part is None and isinstance(self.source, read.StepMetadata):
+        if item.part is None and self.source.reads_in_place:
             tensor = read.read_rows(self.source, item.checkpoint_key, start, stop, self.counter)
         else:
             tensor = self._whole(titan_key)[start:stop]

@@ -63,19 +63,78 @@ def check_vocab_padding(embedding_rows: int, tokenizer_size: int | None) -> Find
                    f"{embedding_rows} embedding rows = tokenizer size")
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (NaN payloads included), unlike `torch.equal` on floats."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bits = _BITS.get(a.dtype.itemsize)
+    if bits is None or not a.is_floating_point():
+        return torch.equal(a, b)
+    return torch.equal(a.view(bits), b.view(bits))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| in float32; NaN when the shapes differ."""
+    if a.shape != b.shape:
+        return float("nan")
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+class TieCheck:
+    """The tie check: is the stored head the embedding, bit for bit? Fed piece by piece (the same rows of both),
+    so it runs inside a stream with flat memory; `check_tied_weights` is the whole-tensor form.
+
+    The export's streamer (compares while it writes), the distributed export's rank 0 (`weight_stream.decide_tie`)
+    and the HF import (`convert.hf_qwen3.decide_tie`) all decide with it.
+
+    Args:
+        run_says_tied: what the run config claims; when it claims tying and the tensors differ, the largest
+            difference is measured over every piece (for the warning).
+    """
+
+    def __init__(self, run_says_tied: bool):
+        self.run_says_tied = run_says_tied
+        self.equal = True
+        """Every piece so far was equal."""
+        self.max_diff: float | None = None
+        """max|head - embedding| over the pieces compared since they differed (run config tied only)."""
+
+    @property
+    def wants_more(self) -> bool:
+        """Whether further pieces can change the outcome (they are equal so far, or a difference is measured)."""
+        return self.equal or self.run_says_tied
+
+    def add(self, embedding_rows: torch.Tensor, head_rows: torch.Tensor) -> bool:
+        """Compare one piece of both tensors; True when this piece is equal and all before it were."""
+        same = self.equal and bitwise_equal(embedding_rows, head_rows)
+        if not same:
+            self.equal = False
+            if self.run_says_tied:
+                diff = max_abs_diff(embedding_rows, head_rows)
+                self.max_diff = diff if self.max_diff is None else max(self.max_diff, diff)
+        return same
+
+    def finding(self, *, has_head: bool = True) -> tuple[Finding, bool]:
+        """The finding and whether to write the model tied (see `tied_weights_finding`)."""
+        return tied_weights_finding(has_head=has_head, equal=self.equal or not has_head,
+                                    max_diff=None if self.equal else self.max_diff, run_says_tied=self.run_says_tied)
+
+
 def check_tied_weights(embedding: torch.Tensor, head: torch.Tensor | None, run_says_tied: bool) -> tuple[Finding, bool]:
-    """Decide whether the export ties the head, from the tensors rather than from the config.
+    """Decide whether the export ties the head, from the tensors rather than from the config (`TieCheck` on the
+    whole tensors).
 
     Returns:
         The finding and whether to write the model tied.
     """
+    check = TieCheck(run_says_tied)
     if head is None:
-        return tied_weights_finding(has_head=False, equal=True, max_diff=None, run_says_tied=run_says_tied)
-    equal = embedding.shape == head.shape and torch.equal(embedding, head)
-    diff = None
-    if not equal and run_says_tied:
-        diff = (embedding.float() - head.float()).abs().max().item() if embedding.shape == head.shape else float("nan")
-    return tied_weights_finding(has_head=True, equal=equal, max_diff=diff, run_says_tied=run_says_tied)
+        return check.finding(has_head=False)
+    check.add(embedding, head)
+    return check.finding()
 
 
 def tied_weights_finding(*, has_head: bool, equal: bool, max_diff: float | None,
