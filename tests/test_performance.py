@@ -274,7 +274,7 @@ def test_export_fails_with_the_layer_when_the_mapping_is_wrong(demo_run, monkeyp
             mapping[w1], mapping[w3] = mapping[w3], mapping[w1]
         return mapping
 
-    monkeypatch.setattr(export_module.keymap, "map_to_hf", swapped)
+    monkeypatch.setattr(keymap, "map_to_hf", swapped)  # what the planner (`plan.plan_source`) calls
     monkeypatch.setattr(logit_gate, "WHOLE_MODEL_MAX_PARAMS", 0)  # the path big models take
     with pytest.raises(VerificationError, match="first divergence: layer 1"):
         export_step(demo_run.steps[0])

@@ -297,7 +297,10 @@ def _export_titan(titan_dir: Path, output_dir: Path, options: ExportOptions) -> 
     report = export.ExportReport(source_format="TorchTitan-named safetensors",
                                  step=step if step is not None else -1, step_dir=str(source.step_dir),
                                  output_dir=str(output_dir), versions=export.versions())
-    report.source_fingerprint = fingerprint = source.fingerprint()
+
+    def plan_export(timer: Timer) -> export.ExportPlan:
+        fingerprint = report.source_fingerprint = source.fingerprint()
+        return plan_source(source, run, options, report, timer, fingerprint=fingerprint)
+
     # the DCP export's skeleton: same checks, skip rules (all inputs match) and refusal of a folder it did not write
-    return export.export_source(report, options, output_dir,
-                                lambda timer: plan_source(source, run, options, report, timer, fingerprint=fingerprint))
+    return export.export_source(report, options, output_dir, plan_export)

@@ -175,10 +175,12 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
     output_dir = output_dir_for(step_dir, options)
     report = ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir), versions=versions(),
                           options=options_record(options))
-    report.source_fingerprint = fingerprint = source_fingerprint(step_dir)
-    return export_source(report, options, output_dir,
-                         lambda timer: plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint),
-                         cancel=cancel, progress=progress)
+
+    def plan_export(timer: Timer) -> ExportPlan:
+        fingerprint = report.source_fingerprint = source_fingerprint(step_dir)  # counted in `total`, as planning is
+        return plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint)
+
+    return export_source(report, options, output_dir, plan_export, cancel=cancel, progress=progress)
 
 
 def export_source(report: ExportReport, options: ExportOptions, output_dir: Path,
