@@ -2,6 +2,11 @@
 
 discover -> run config -> read metadata -> map names -> check -> stream tensors into safetensors -> verify
 (on-disk files and logits) -> publish with one rename. CLI, watcher and runner only call this module.
+
+One skeleton serves every tensor source: `export_source` (plan, metadata checks, dry run) and `export_planned`
+(lock, skip check, staged folder, `write_weights`, `finish_export`, publish, report) run the DCP export, export-titan
+(`convert.hf_titan`) and the distributed export (`distributed`, with its own `write_weights`). The plan is in
+`plan.py`, the report and model card in `report.py`, the stage timer in `timing.py`.
 """
 
 from __future__ import annotations
