@@ -26,8 +26,10 @@ Every refusal is `Refused` (with `kind` and the byte `offset`); callers turn it 
 
 from __future__ import annotations
 
+import gc
 import pickletools
 import struct
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -278,68 +280,264 @@ class _Reader:
         if not data or data[0] != 0x80:
             raise Refused(FORMAT, "not a protocol 2+ pickle (no PROTO opcode first)", 0)
         dispatch = [self.dispatch.get(code) for code in range(256)]
-        memo, missing, end, unpack_from = self.memo, object(), len(data), struct.unpack_from
-        while True:
-            pos = self.pos
-            if self.frame_end is not None and pos >= self.frame_end:
-                self.frame_end, self.limit = None, end
-            limit = self.limit
-            if pos >= limit:
+        op_stop = _Reader.op_stop
+        memo, missing, end, unpack_from, atoms = self.memo, object(), len(data), struct.unpack_from, _ATOMS
+        # The loop runs once per opcode (2 million for a 235B step): the state it touches is held in locals, and
+        # the most frequent opcodes are done inline while their bytes are all there and their checks pass. Each
+        # does what its handler does, checks in the same order; on anything unusual it leaves the state as it
+        # found it (or changed only idempotently: `place` again closes nothing new) and falls through to the
+        # handler, which reports what is wrong. `self.stack`, `.pos` and `.limit` are synced around handlers.
+        metastack, fresh, instances, depth, open_ = self.metastack, self.fresh, self.instances, self.depth, self.open
+        alive_append, depth_get, open_get, open_pop = self.alive.append, self.depth.get, self.open.get, self.open.pop
+        stack, pos, limit = self.stack, self.pos, self.limit
+        try:
+            while True:
+                if pos >= limit:
+                    if self.frame_end is not None:  # the frame ends here (nothing reads past `limit`)
+                        self.frame_end, self.limit = None, end
+                        limit = end
+                    if pos >= limit:
+                        self.op_start = pos
+                        raise self.refuse(FORMAT, "truncated: the pickle ends before its STOP opcode")
+                code = data[pos]
+                if code == 0x94:  # MEMOIZE
+                    if stack:
+                        memo[len(memo)] = stack[-1]
+                        pos += 1
+                        continue
+                elif code == 0x6a:  # LONG_BINGET
+                    if pos + 5 <= limit:
+                        value = memo.get(unpack_from("<I", data, pos + 1)[0], missing)
+                        if value is not missing:
+                            stack.append(value)
+                            pos += 5
+                            continue
+                elif code == 0x68:  # BINGET
+                    if pos + 2 <= limit:
+                        value = memo.get(data[pos + 1], missing)
+                        if value is not missing:
+                            stack.append(value)
+                            pos += 2
+                            continue
+                elif code == 0x29:  # EMPTY_TUPLE
+                    stack.append(())
+                    pos += 1
+                    continue
+                elif code == 0x4b:  # BININT1
+                    if pos + 2 <= limit:
+                        stack.append(data[pos + 1])
+                        pos += 2
+                        continue
+                elif code == 0x81:  # NEWOBJ: a fresh instance of a listed class, open for its one BUILD
+                    if len(stack) >= 2:
+                        cls, args = stack[-2], stack[-1]
+                        if type(cls) is Class and type(args) is tuple and not args:
+                            del stack[-2:]
+                            obj = cls.new()
+                            key = id(obj)
+                            fresh[key] = cls
+                            instances.add(key)
+                            alive_append(obj)
+                            depth[key] = 1
+                            open_[key] = obj
+                            stack.append(obj)
+                            pos += 1
+                            continue
+                elif code == 0x85:  # TUPLE1
+                    if stack:
+                        item = stack[-1]
+                        deepest = 0
+                        if type(item) not in atoms:
+                            key = id(item)
+                            open_pop(key, None)
+                            deepest = depth_get(key, 0)
+                        if deepest < MAX_DEPTH:
+                            value = (item,)
+                            stack[-1] = value
+                            alive_append(value)
+                            depth[id(value)] = deepest + 1
+                            pos += 1
+                            continue
+                elif code == 0x28:  # MARK
+                    metastack.append(stack)
+                    stack = []
+                    pos += 1
+                    continue
+                elif code == 0x75:  # SETITEMS: items placed first, then the target checked (nothing goes into itself)
+                    if metastack:
+                        deepest, str_keys = 0, True
+                        for item in stack[::2]:
+                            if type(item) is not str:
+                                str_keys = False
+                                if type(item) not in atoms:
+                                    key = id(item)
+                                    open_pop(key, None)
+                                    d = depth_get(key, 0)
+                                    if d > deepest:
+                                        deepest = d
+                        for item in stack[1::2]:
+                            if type(item) not in atoms:
+                                key = id(item)
+                                open_pop(key, None)
+                                d = depth_get(key, 0)
+                                if d > deepest:
+                                    deepest = d
+                        outer = metastack[-1]
+                        if outer and not len(stack) % 2:
+                            target = outer[-1]
+                            if type(target) is dict and open_get(id(target)) is target:
+                                items, stack = stack, metastack.pop()
+                                if deepest + 1 > depth_get(id(target), 1):
+                                    if deepest + 1 > MAX_DEPTH:
+                                        self.op_start = pos
+                                        raise self.refuse(FORMAT, f"objects nested more than {MAX_DEPTH} deep")
+                                    depth[id(target)] = deepest + 1
+                                if str_keys:  # randomized, cached hashes: nothing to check, nothing can raise
+                                    target.update(zip(items[::2], items[1::2]))
+                                else:
+                                    self.op_start = pos
+                                    self.set_items(target, items, deepest)
+                                pos += 1
+                                continue
+                elif code == 0x7d:  # EMPTY_DICT
+                    value = {}
+                    key = id(value)
+                    alive_append(value)
+                    depth[key] = 1
+                    open_[key] = value
+                    stack.append(value)
+                    pos += 1
+                    continue
+                elif code == 0x62:  # BUILD: state placed first, then only a fresh, open instance takes it
+                    if len(stack) >= 2:
+                        obj, state = stack[-2], stack[-1]
+                        deepest = 0
+                        if type(state) not in atoms:
+                            key = id(state)
+                            open_pop(key, None)
+                            deepest = depth_get(key, 0)
+                        key = id(obj)
+                        cls = fresh.get(key)
+                        if cls is not None and open_get(key) is obj:
+                            stack.pop()
+                            del fresh[key]
+                            if deepest + 1 > depth_get(key, 1):
+                                if deepest + 1 > MAX_DEPTH:
+                                    self.op_start = pos
+                                    raise self.refuse(FORMAT, f"objects nested more than {MAX_DEPTH} deep")
+                                depth[key] = deepest + 1
+                            try:
+                                cls.build(obj, state)
+                            except Refused:
+                                raise
+                            except Exception as exc:  # the caller's validators raise on state of the wrong shape
+                                self.op_start = pos
+                                raise self.refuse(FORMAT, f"`{cls.name}` refuses its state "
+                                                          f"({type(exc).__name__}: {exc})") from exc
+                            pos += 1
+                            continue
+                elif code == 0x52:  # REDUCE of a plain (not a container) Function
+                    if len(stack) >= 2:
+                        func, args = stack[-2], stack[-1]
+                        if type(func) is Function and func.container is None and type(args) is tuple:
+                            del stack[-2:]
+                            for item in args:
+                                if type(item) not in atoms:
+                                    open_pop(id(item), None)
+                            try:
+                                value = func.call(*args)
+                            except Refused:
+                                raise
+                            except Exception as exc:  # the caller's validators raise on hostile arguments
+                                self.op_start = pos
+                                raise self.refuse(FORMAT, f"`{func.name}` refuses its arguments "
+                                                          f"({type(exc).__name__}: {exc})") from exc
+                            if isinstance(value, tuple) and value:  # e.g. torch.Size: as deep as what it holds
+                                deepest = 0
+                                for item in value:
+                                    if type(item) not in atoms:
+                                        key = id(item)
+                                        open_pop(key, None)
+                                        d = depth_get(key, 0)
+                                        if d > deepest:
+                                            deepest = d
+                                if deepest + 1 > MAX_DEPTH:
+                                    self.op_start = pos
+                                    raise self.refuse(FORMAT, f"objects nested more than {MAX_DEPTH} deep")
+                                alive_append(value)
+                                depth[id(value)] = deepest + 1
+                            stack.append(value)
+                            pos += 1
+                            continue
+                elif code == 0x4d:  # BININT2
+                    if pos + 3 <= limit:
+                        stack.append(data[pos + 1] | data[pos + 2] << 8)
+                        pos += 3
+                        continue
+                elif code == 0x8c:  # SHORT_BINUNICODE
+                    if pos + 2 <= limit:
+                        stop = pos + 2 + data[pos + 1]
+                        if stop <= limit:
+                            try:
+                                stack.append(data[pos + 2:stop].decode("utf-8", "surrogatepass"))
+                                pos = stop
+                                continue
+                            except UnicodeDecodeError:
+                                pass
+                elif code == 0x86 or code == 0x87:  # TUPLE2, TUPLE3
+                    n = code - 0x84
+                    if len(stack) >= n:
+                        value = tuple(stack[-n:])
+                        deepest = 0
+                        for item in value:
+                            if type(item) not in atoms:
+                                key = id(item)
+                                open_pop(key, None)
+                                d = depth_get(key, 0)
+                                if d > deepest:
+                                    deepest = d
+                        if deepest < MAX_DEPTH:
+                            del stack[-n:]
+                            alive_append(value)
+                            depth[id(value)] = deepest + 1
+                            stack.append(value)
+                            pos += 1
+                            continue
+                elif code == 0x4a:  # BININT
+                    if pos + 5 <= limit:
+                        stack.append(unpack_from("<i", data, pos + 1)[0])
+                        pos += 5
+                        continue
+                elif code == 0x8a:  # LONG1
+                    if pos + 2 <= limit:
+                        stop = pos + 2 + data[pos + 1]
+                        if data[pos + 1] <= MAX_LONG_BYTES and stop <= limit:
+                            stack.append(int.from_bytes(data[pos + 2:stop], "little", signed=True))
+                            pos = stop
+                            continue
+                elif code == 0x4e:  # NONE
+                    stack.append(None)
+                    pos += 1
+                    continue
+                elif code == 0x89 or code == 0x88:  # NEWFALSE, NEWTRUE
+                    stack.append(code == 0x88)
+                    pos += 1
+                    continue
                 self.op_start = pos
-                raise self.refuse(FORMAT, "truncated: the pickle ends before its STOP opcode")
-            self.op_start = pos
-            code = data[pos]
-            # the most frequent opcodes, inline while their bytes are all there (the handlers do the same and
-            # report what is wrong otherwise)
-            if code == 0x94 and self.stack:  # MEMOIZE
-                memo[len(memo)] = self.stack[-1]
                 self.pos = pos + 1
-                continue
-            if code == 0x6a and pos + 5 <= limit:  # LONG_BINGET
-                value = memo.get(unpack_from("<I", data, pos + 1)[0], missing)
-                if value is not missing:
-                    self.stack.append(value)
-                    self.pos = pos + 5
-                    continue
-            elif code == 0x68 and pos + 2 <= limit:  # BINGET
-                value = memo.get(data[pos + 1], missing)
-                if value is not missing:
-                    self.stack.append(value)
-                    self.pos = pos + 2
-                    continue
-            elif code == 0x8c and pos + 2 <= limit and pos + 2 + data[pos + 1] <= limit:  # SHORT_BINUNICODE
-                try:
-                    self.stack.append(data[pos + 2:pos + 2 + data[pos + 1]].decode("utf-8", "surrogatepass"))
-                    self.pos = pos + 2 + data[pos + 1]
-                    continue
-                except UnicodeDecodeError:
-                    pass
-            elif code == 0x28:  # MARK
-                self.metastack.append(self.stack)
-                self.stack = []
-                self.pos = pos + 1
-                continue
-            elif code == 0x29:  # EMPTY_TUPLE
-                self.stack.append(())
-                self.pos = pos + 1
-                continue
-            elif code == 0x4b and pos + 2 <= limit:  # BININT1
-                self.stack.append(data[pos + 1])
-                self.pos = pos + 2
-                continue
-            elif code == 0x4e or code == 0x89:  # NONE, NEWFALSE
-                self.stack.append(None if code == 0x4e else False)
-                self.pos = pos + 1
-                continue
-            self.pos = pos + 1
-            handler = dispatch[code]
-            if handler is None:
-                kind = _REFUSED_OPCODES.get(code, FORMAT)
-                what = "an opcode no DCP writer uses" if kind == UNSAFE else "not an opcode of protocol 2+ data"
-                raise self.refuse(kind, f"opcode {_op_name(code)}: {what}")
-            if handler is _Reader.op_stop:
-                return self.op_stop()
-            handler(self)
+                self.stack = stack
+                handler = dispatch[code]
+                if handler is None:
+                    kind = _REFUSED_OPCODES.get(code, FORMAT)
+                    what = "an opcode no DCP writer uses" if kind == UNSAFE else "not an opcode of protocol 2+ data"
+                    raise self.refuse(kind, f"opcode {_op_name(code)}: {what}")
+                if handler is op_stop:
+                    return self.op_stop()
+                handler(self)
+                stack, pos, limit = self.stack, self.pos, self.limit
+        except BaseException:
+            self.op_start = pos  # where an unexpected error (ours, or MemoryError) happened, for `load` to say
+            raise
 
     def op_proto(self) -> None:
         version = self.take(1)[0]
@@ -640,6 +838,39 @@ class _Reader:
     del push_const, long, text, raw_bytes, tuple_of
 
 
+class _CollectorPause:
+    """Python's cyclic garbage collector off while loads run (on again after the last, if it was on before).
+
+    A load makes hundreds of thousands of containers, and the collector, triggered every 700 of them, rescans
+    the heap they grow (its full passes more often as it grows): 40% of a 235B step's load went to it. It could
+    free nothing of ours: the reader never changes an object once anything refers to it, so what it builds has
+    no cycles. Other threads' cyclic garbage waits the seconds a load takes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loads = 0
+        self._paused = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if not self._loads:
+                self._paused = gc.isenabled()
+                if self._paused:
+                    gc.disable()
+            self._loads += 1
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._loads -= 1
+            if not self._loads and self._paused:
+                self._paused = False
+                gc.enable()
+
+
+_collector_paused = _CollectorPause()
+
+
 def load(data: bytes, resolve: Resolver, persistent_load: Callable[[object], object] | None = None) -> object:
     """The object `data` pickles, built only from `resolve`'s entries and plain values.
 
@@ -653,7 +884,8 @@ def load(data: bytes, resolve: Resolver, persistent_load: Callable[[object], obj
     """
     reader = _Reader(bytes(data), resolve, persistent_load)
     try:
-        return reader.run()
+        with _collector_paused:
+            return reader.run()
     except Refused:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. MemoryError; our own bugs too: a refusal, never a crash
