@@ -22,7 +22,8 @@ _ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "max_position_embeddings", "tie_word_embeddings", "torch_dtype", "dtype", "architectures",
                 "model_type", "layer_types", "max_window_layers", "use_sliding_window", "sliding_window",
                 "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-                "decoder_sparse_step", "mlp_only_layers")
+                "decoder_sparse_step", "mlp_only_layers",
+                "num_local_experts")  # transformers 5's on-disk name for num_experts: a base's would win on load
 
 
 def build_hf_config(base: dict, arch: Qwen3Arch, *, tie: bool, dtype: str) -> dict:
