@@ -23,7 +23,7 @@ from molgen_export.dcp import read
 from molgen_export.dcp import torch_save_record
 from molgen_export.dcp import stream
 from molgen_export.pipeline import weight_stream
-from molgen_export.verify import logit_gate
+from molgen_export.verify import gate
 from molgen_export.mapping import keymap
 from molgen_export.hf import safetensors_writer
 from molgen_export.options import ExportOptions
@@ -229,9 +229,9 @@ def test_layerwise_agrees_with_whole_model(demo_run, tmp_path):
     step = demo_run.steps[-1]
     hf_dir = Path(export_step(step, ExportOptions(output=tmp_path, dtype="float32", skip_logits=True)).output_dir)
     plan, titan = _titan(step)
-    whole = logit_gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
+    whole = gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
                                    tolerance=1e-3, mode="whole")
-    layerwise = logit_gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
+    layerwise = gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
                                        tolerance=1e-3, mode="layerwise")
     assert whole.passed and layerwise.passed and layerwise.mode == "layerwise"
     assert layerwise.max_abs_diff < 1e-4 and layerwise.top1_agreement == 1.0
@@ -246,13 +246,13 @@ def test_layerwise_names_the_layer_a_broken_mapping_breaks(demo_run, tmp_path, b
     files = load_file(hf_dir / "model.safetensors")
     prefix = f"model.layers.{layer}."
     if breakage == "swap_gate_up":
-        gate, up = prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"
-        files[gate], files[up] = files[up], files[gate]
+        gate_key, up_key = prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"
+        files[gate_key], files[up_key] = files[up_key], files[gate_key]
     else:
         files[prefix + "self_attn.q_norm.weight"] = files[prefix + "self_attn.k_norm.weight"] * 3.0
     save_file(files, hf_dir / "model.safetensors", metadata={"format": "pt"})
     plan, titan = _titan(step)
-    result = logit_gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
+    result = gate.verify_export(plan.arch, titan, hf_dir, tie=True, vocab_limit=plan.tokenizer_size,
                                     tolerance=1e-3, mode="layerwise")
     assert not result.passed and result.first_divergence == f"layer {layer}"
     before = [s for s in result.stages if s["name"] == f"layer {layer - 1}" or s["name"] == "embedding"]
@@ -275,14 +275,14 @@ def test_export_fails_with_the_layer_when_the_mapping_is_wrong(demo_run, monkeyp
         return mapping
 
     monkeypatch.setattr(keymap, "map_to_hf", swapped)  # what the planner (`plan.plan_source`) calls
-    monkeypatch.setattr(logit_gate, "WHOLE_MODEL_MAX_PARAMS", 0)  # the path big models take
+    monkeypatch.setattr(gate, "WHOLE_MODEL_MAX_PARAMS", 0)  # the path big models take
     with pytest.raises(VerificationError, match="first divergence: layer 1"):
         export_step(demo_run.steps[0])
     assert not export_module.output_dir_for(demo_run.steps[0], ExportOptions()).exists()
 
 
 def test_layerwise_export_report(demo_run, monkeypatch):
-    monkeypatch.setattr(logit_gate, "WHOLE_MODEL_MAX_PARAMS", 0)
+    monkeypatch.setattr(gate, "WHOLE_MODEL_MAX_PARAMS", 0)
     report = export_step(demo_run.steps[0])
     assert report.fidelity["mode"] == "layerwise" and report.fidelity["passed"]
     assert report.verify_bytes_read > 0

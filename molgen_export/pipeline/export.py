@@ -26,7 +26,7 @@ from molgen_export.pipeline import weight_stream
 from molgen_export.pipeline.plan import DTYPES, ExportPlan, check_expert_bias, metadata_checks, plan_dcp_step  # noqa: F401
 from molgen_export.pipeline.report import REPORT_FILE, ExportReport, model_card, options_record, versions  # noqa: F401
 from molgen_export.pipeline.timing import Timer
-from molgen_export.verify import logit_gate
+from molgen_export.verify import gate, logit_gate
 from molgen_export.hf import config_files
 from molgen_export.verify import probe
 from molgen_export.mapping import run_config
@@ -436,7 +436,7 @@ def finish_export(plan: ExportPlan, written: WrittenWeights, *, options: ExportO
             # MoE: expert outputs are summed in another order (grouped GEMMs vs per-expert loops), and a token whose
             # router scores nearly tie may pick another expert, so the limit is MOE_TOLERANCE_FACTOR times looser
             tolerance = options.logits_atol * (MOE_TOLERANCE_FACTOR if plan.arch.moe is not None else 1)
-            result = logit_gate.verify_export(plan.arch, titan, temp_dir, tie=tie,
+            result = gate.verify_export(plan.arch, titan, temp_dir, tie=tie,
                                             vocab_limit=min(limit, plan.arch.vocab_size),
                                             tolerance=tolerance, device=options.device,
                                             reference=plan.reference.config if plan.reference else None)

@@ -231,7 +231,7 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
     hf_config = AutoConfig.from_pretrained(hf_dir)
     hf_config._attn_implementation = "sdpa"
     hf = HFWeights(hf_dir)
-    layer_bytes = _layer_params(arch) * 4
+    layer_bytes = layer_params(arch) * 4
     prefetch = 4 * layer_bytes <= PREFETCH_BYTES
     sets = [(_titan_block(titan_model_config, device), _hf_layer(hf_config, device))
             for _ in range(2 if prefetch else 1)]
@@ -303,7 +303,8 @@ def _finite_or_inf(value: float) -> float:
     return float("inf") if value != value else value
 
 
-def _layer_params(arch: Qwen3Arch) -> int:
+def layer_params(arch: Qwen3Arch) -> int:
+    """Parameters of one dense TorchTitan Qwen3 block."""
     attention = arch.dim * arch.head_dim * (2 * arch.n_heads + 2 * arch.n_kv_heads) + 2 * arch.head_dim
     return attention + 3 * arch.dim * arch.hidden_dim + 2 * arch.dim
 
