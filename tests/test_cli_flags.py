@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from molgen_export.cli import flags
-from molgen_export.cli.main import COMMANDS
+from molgen_export.cli.commands import COMMANDS
 from molgen_export.options import EXPORT_DTYPES, LAYOUTS, ExportOptions
 from molgen_export.watch.watcher import WatchOptions
 

@@ -1,7 +1,7 @@
-"""The command line, a shell over the stages: `main` (the table of commands, `cli.main`), one module per command or
+"""The command line, a shell over the stages: `main` (the table of commands, `cli.commands`), one module per command or
 group (`export`, `demo`, `preflight`, `watch`, `report`, `convert`, `eval`) and `flags`, what they share with the
 runner and the integrations (flags generated from the options dataclasses, logging, exit codes)."""
 
-from molgen_export.cli.main import main
+from molgen_export.cli.commands import main
 
 __all__ = ["main"]
