@@ -86,9 +86,10 @@ def _dataclass_spec(cls: type, build=None) -> safe_pickle.Class:
     def build_fields(obj, state) -> None:
         if type(state) is not dict:
             raise ValueError(f"state is a {type(state).__name__}, not a dict of fields")
-        for key in state:
-            if type(key) is not str or key not in names:
-                raise ValueError(f"{cls.__name__} has no field {key!r:.60}")
+        if not state.keys() <= names:  # (no key the reader makes equals a str unless it is one)
+            for key in state:
+                if type(key) is not str or key not in names:
+                    raise ValueError(f"{cls.__name__} has no field {key!r:.60}")
         obj.__dict__.update(state)
 
     return safe_pickle.Class(f"{cls.__module__}.{cls.__name__}", lambda: object.__new__(cls), build or build_fields)
@@ -165,6 +166,10 @@ def _defaults(cls: type) -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
+def _place(where: str, at: tuple) -> str:
+    return where.format(*at) if at else where
+
+
 class _Shape:
     """Checks the unpickled object against what DCP writes, field by field (types, required fields, ranges)."""
 
@@ -180,35 +185,39 @@ class _Shape:
         return CheckpointFormatError(f"{self.path} is not readable DCP metadata: {what}", path=self.path,
                                      hint=_CORRUPT_HINT)
 
-    def fields(self, obj, cls: type, where: str) -> dict:
+    # `where` names the checked place; with `at`, it is a `str.format` template of those values, formatted only
+    # for a message (a 235B step has 140 000 places to check, and naming each would take longer than the check).
+
+    def fields(self, obj, cls: type, where: str, *at) -> dict:
         if type(obj) is not cls:
-            raise self.bad(f"{where} is a {type(obj).__name__}, not {cls.__name__}")
+            raise self.bad(f"{_place(where, at)} is a {type(obj).__name__}, not {cls.__name__}")
         own = vars(obj)
-        if len(own) == len(_defaults(cls)) and all(name in own for name in _defaults(cls)):
+        defaults = _defaults(cls)
+        if own.keys() == defaults.keys():
             return own  # every field set (what DCP writes): nothing to fill in
         values = {}
-        for name, default in _defaults(cls).items():
+        for name, default in defaults.items():
             if name in own:
                 values[name] = own[name]
             elif default is not dataclasses.MISSING:
                 values[name] = default
             else:
-                raise self.bad(f"{where} has no `{name}`")
+                raise self.bad(f"{_place(where, at)} has no `{name}`")
         return values
 
-    def of(self, value, types, where: str):
+    def of(self, value, types, where: str, *at):
         if not isinstance(value, types):
-            raise self.bad(f"{where} is a {type(value).__name__}")
+            raise self.bad(f"{_place(where, at)} is a {type(value).__name__}")
         return value
 
-    def count(self, value, where: str) -> int:
+    def count(self, value, where: str, *at) -> int:
         if type(value) is not int or not 0 <= value < 1 << 63:
-            raise self.bad(f"{where} is {value!r:.40}, not a byte count")
+            raise self.bad(f"{_place(where, at)} is {value!r:.40}, not a byte count")
         return value
 
-    def size(self, value, where: str) -> torch.Size:
+    def size(self, value, where: str, *at) -> torch.Size:
         if type(value) is not torch.Size:
-            raise self.bad(f"{where} is a {type(value).__name__}, not a torch.Size")
+            raise self.bad(f"{_place(where, at)} is a {type(value).__name__}, not a torch.Size")
         return value
 
     def plain(self, value, where: str) -> None:
@@ -238,43 +247,48 @@ class _Shape:
             raise CheckpointFormatError(f"{self.path} does not hold DCP checkpoint metadata", path=self.path,
                                         hint="point --dcp-path at a step folder written by torch.distributed.checkpoint")
         items = self.of(top["state_dict_metadata"], dict, "state_dict_metadata")
+        bytes_item, tensor_item = dcp.BytesStorageMetadata, dcp.TensorStorageMetadata
+        properties, chunk_item, size_type = dcp.TensorProperties, dcp.ChunkStorageMetadata, torch.Size
+        item_at = "state_dict_metadata[{0!r:.80}]"
         for fqn, item in items.items():
-            where = f"state_dict_metadata[{fqn!r:.80}]"
-            self.of(fqn, str, f"a key of state_dict_metadata ({fqn!r:.40})")
-            if type(item) is dcp.BytesStorageMetadata:
-                self.fields(item, dcp.BytesStorageMetadata, where)
+            self.of(fqn, str, "a key of state_dict_metadata ({0!r:.40})", fqn)
+            if type(item) is bytes_item:
+                self.fields(item, bytes_item, item_at, fqn)
                 continue
-            tensor = self.fields(item, dcp.TensorStorageMetadata, where)
-            props = self.fields(tensor["properties"], dcp.TensorProperties, f"{where}.properties")
-            self.of(props["dtype"], torch.dtype, f"{where}.properties.dtype")
-            self.of(props["layout"], torch.layout, f"{where}.properties.layout")
-            self.of(props["memory_format"], torch.memory_format, f"{where}.properties.memory_format")
-            self.of(props["requires_grad"], bool, f"{where}.properties.requires_grad")
-            self.of(props["pin_memory"], bool, f"{where}.properties.pin_memory")
-            size = self.size(tensor["size"], f"{where}.size")
-            for i, chunk in enumerate(self.of(tensor["chunks"], list, f"{where}.chunks")):
-                part = self.fields(chunk, dcp.ChunkStorageMetadata, f"{where}.chunks[{i}]")
-                offsets = self.size(part["offsets"], f"{where}.chunks[{i}].offsets")
-                sizes = self.size(part["sizes"], f"{where}.chunks[{i}].sizes")
+            tensor = self.fields(item, tensor_item, item_at, fqn)
+            props = self.fields(tensor["properties"], properties, item_at + ".properties", fqn)
+            self.of(props["dtype"], torch.dtype, item_at + ".properties.dtype", fqn)
+            self.of(props["layout"], torch.layout, item_at + ".properties.layout", fqn)
+            self.of(props["memory_format"], torch.memory_format, item_at + ".properties.memory_format", fqn)
+            self.of(props["requires_grad"], bool, item_at + ".properties.requires_grad", fqn)
+            self.of(props["pin_memory"], bool, item_at + ".properties.pin_memory", fqn)
+            size = self.size(tensor["size"], item_at + ".size", fqn)
+            for i, chunk in enumerate(self.of(tensor["chunks"], list, item_at + ".chunks", fqn)):
+                part = self.fields(chunk, chunk_item, item_at + ".chunks[{1}]", fqn, i)
+                offsets, sizes = part["offsets"], part["sizes"]
+                if type(offsets) is not size_type or type(sizes) is not size_type:
+                    self.size(offsets, item_at + ".chunks[{1}].offsets", fqn, i)
+                    self.size(sizes, item_at + ".chunks[{1}].sizes", fqn, i)
                 if len(offsets) != len(size) or len(sizes) != len(size) or min((*offsets, *sizes, 0)) < 0:
-                    raise self.bad(f"{where}.chunks[{i}] is at {tuple(offsets)} of {tuple(sizes)}, "
+                    raise self.bad(f"{_place(item_at, (fqn,))}.chunks[{i}] is at {tuple(offsets)} of {tuple(sizes)}, "
                                    f"for a tensor of {tuple(size)}")
+        index_type, storage_type = dcp.MetadataIndex, self.storage_info
+        entry_at = "storage_data[{0!r:.80}]"
         for index, info in self.of(top["storage_data"], dict, "storage_data").items():
-            key = self.fields(index, dcp.MetadataIndex, "a key of storage_data")
+            key = self.fields(index, index_type, "a key of storage_data")
             fqn = self.of(key["fqn"], str, "a key of storage_data: its fqn")
-            where = f"storage_data[{fqn!r:.80}]"
             if key["offset"] is not None:
-                self.size(key["offset"], f"{where} offset")
+                self.size(key["offset"], entry_at + " offset", fqn)
             if key["index"] is not None:
-                self.of(key["index"], int, f"{where} index")
-            storage = self.fields(info, self.storage_info, where)
-            self.of(storage["relative_path"], str, f"{where}.relative_path")
-            self.count(storage["offset"], f"{where}.offset")
-            self.count(storage["length"], f"{where}.length")
+                self.of(key["index"], int, entry_at + " index", fqn)
+            storage = self.fields(info, storage_type, entry_at, fqn)
+            self.of(storage["relative_path"], str, entry_at + ".relative_path", fqn)
+            self.count(storage["offset"], entry_at + ".offset", fqn)
+            self.count(storage["length"], entry_at + ".length", fqn)
             transforms = storage.get("transform_descriptors")
             if transforms is not None:
-                for t in self.of(transforms, (list, tuple), f"{where}.transform_descriptors"):
-                    self.of(t, str, f"{where}.transform_descriptors")
+                for t in self.of(transforms, (list, tuple), entry_at + ".transform_descriptors", fqn):
+                    self.of(t, str, entry_at + ".transform_descriptors", fqn)
         self.plain(top["planner_data"], "planner_data")
         if top["version"] is not None:
             self.of(top["version"], str, "version")

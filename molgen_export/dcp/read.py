@@ -158,8 +158,15 @@ def read_step_metadata(step_dir: Path) -> StepMetadata:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = load_metadata_object(step_dir)
-    locations = {(idx.fqn, tuple(idx.offset) if idx.offset is not None else None): info
-                 for idx, info in metadata.storage_data.items()}
+    # one pass over the storage entries (tens of thousands at scale): where each chunk is, where each shard ends
+    locations = {}
+    extents: dict[str, int] = {}
+    for idx, info in metadata.storage_data.items():
+        locations[(idx.fqn, idx.offset)] = info  # a torch.Size hashes and compares as the tuple of its ints
+        name = str(info.relative_path)
+        end = int(info.offset) + int(info.length)
+        if extents.get(name, -1) < end:
+            extents[name] = end
     model: dict[str, TensorEntry] = {}
     other_keys = 0
     for fqn, item in metadata.state_dict_metadata.items():
@@ -181,15 +188,11 @@ def read_step_metadata(step_dir: Path) -> StepMetadata:
     model_keys = set(model)
     other_bytes = sum(info.length for (fqn, _), info in locations.items() if fqn not in model_keys)
     files = {}
-    extents: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        name = str(info.relative_path)
-        extents[name] = max(extents.get(name, 0), int(info.offset) + int(info.length))
-        if name not in files:
-            try:
-                files[name] = (step_dir / name).stat().st_size
-            except FileNotFoundError:
-                files[name] = -1
+    for name in extents:  # in the order the metadata first names them
+        try:
+            files[name] = (step_dir / name).stat().st_size
+        except FileNotFoundError:
+            files[name] = -1
     return StepMetadata(step_dir=step_dir, model=model, other_bytes=other_bytes, other_keys=other_keys, files=files,
                         extents=extents)
 
