@@ -325,6 +325,27 @@ def test_stop_mid_stream_stops_between_pieces_and_releases_everything(demo_run, 
     assert {(o.step, o.status) for o in again.run()} == {(10, "exported"), (20, "exported")}
 
 
+def test_export_step_restores_torch_threads_and_a_requested_token_stops_it_before_any_output(demo_run):
+    import torch
+
+    from molgen_export.cancel import CancelToken
+    from molgen_export.errors import ExportAborted
+
+    before = torch.get_num_threads()
+    options = ExportOptions(skip_logits=True, threads=before + 1)
+    token = CancelToken()
+    token.request("stopped by a test")
+    with pytest.raises(ExportAborted) as caught:
+        export.export_step(demo_run.steps[0], options, cancel=token)
+    assert (caught.value.reason, caught.value.where) == ("stopped by a test", "start")
+    assert torch.get_num_threads() == before
+    output_dir = export.output_dir_for(demo_run.steps[0], options)
+    assert not list(output_dir.parent.glob(".step-10-hf*")) and not output_dir.exists()
+
+    report = export.export_step(demo_run.steps[0], options, cancel=CancelToken())  # never requested: no effect
+    assert report.status == "exported" and torch.get_num_threads() == before
+
+
 _HELD_BEFORE_PUBLISH = """
 import sys, threading
 from molgen_export import cancel
