@@ -169,3 +169,42 @@ def test_expert_bias():
 def test_finding_to_json_round_trips():
     finding = checks.check_vocab_padding(384, 300)
     assert checks.Finding(**json.loads(json.dumps(finding.to_json()))) == finding
+
+
+def test_tie_check_piece_by_piece_decides_as_the_whole_tensor():
+    embedding = torch.randn(96, 16, dtype=torch.bfloat16)
+    head = embedding.clone()
+    head[40, 1] += 0.25
+    head[90, 2] += 0.5
+    whole, whole_tie = checks.check_tied_weights(embedding, head, run_says_tied=True)
+    check = checks.TieCheck(run_says_tied=True)
+    results = [check.add(embedding[i:i + 32], head[i:i + 32]) for i in range(0, 96, 32)]
+    assert results == [True, False, False]  # equal so far, then not
+    assert check.wants_more  # a tied run measures the difference over every piece
+    assert check.finding() == (whole, whole_tie)
+    assert not whole_tie and check.max_diff == pytest.approx(0.5, abs=0.01)  # the largest, not the first
+
+    untied = checks.TieCheck(run_says_tied=False)
+    untied.add(embedding[:48], head[:48])
+    assert not untied.wants_more  # nothing further can change an untied run's outcome
+    assert untied.finding() == checks.check_tied_weights(embedding, head, run_says_tied=False)
+
+    equal = checks.TieCheck(run_says_tied=True)
+    assert all(equal.add(embedding[i:i + 10], embedding.clone()[i:i + 10]) for i in range(0, 96, 10))
+    assert equal.finding()[1] is True
+
+
+def test_tie_is_decided_bit_for_bit():
+    embedding = torch.randn(8, 4)
+    embedding[2, 2] = float("nan")
+    # a tied head holds the very same bits, NaN included: tied (torch.equal would call these different)
+    assert not torch.equal(embedding, embedding.clone())
+    assert checks.bitwise_equal(embedding, embedding.clone())
+    assert checks.check_tied_weights(embedding, embedding.clone(), run_says_tied=True)[1] is True
+    zeros = torch.zeros(4)
+    assert torch.equal(zeros, -zeros) and not checks.bitwise_equal(zeros, -zeros)  # -0.0 is another value's bits
+    assert not checks.bitwise_equal(zeros, zeros.double())
+    assert checks.bitwise_equal(torch.arange(6).reshape(2, 3).t(), torch.arange(6).reshape(2, 3).t().contiguous())
+    transposed = embedding.t()  # a strided view compares by its values' bits, like its contiguous copy
+    assert checks.bitwise_equal(transposed, transposed.contiguous())
+    assert checks.max_abs_diff(torch.ones(3), torch.zeros(3)) == 1.0
