@@ -183,3 +183,18 @@ def test_special_tokens_reconciled_the_tokenizer_wins():
     assert generation == {"eos_token_id": [9, 0], "pad_token_id": 0}  # a list already holding the id is kept
     assert warnings == ["config.json eos_token_id=9 disagrees with the tokenizer's 0; wrote 0",
                         "generation_config.json pad_token_id=3 disagrees with the tokenizer's 0; wrote 0"]
+
+
+def test_dense_config_over_a_base_saved_by_transformers_5(tmp_path):
+    """A base saved by transformers 5 states RoPE as `rope_parameters` and one `layer_types` entry per layer of
+    the released model; the export's config still loads with the run's theta and its own layer count."""
+    from transformers import Qwen3Config
+
+    Qwen3Config(num_hidden_layers=28, rope_theta=10000.0, max_position_embeddings=512).save_pretrained(tmp_path / "b")
+    base = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert base["rope_parameters"]["rope_theta"] == 10000.0 and len(base["layer_types"]) == 28
+    arch = tiny_arch(vocab_size=384)
+    loaded = _load(config_files.build_hf_config(base, arch, tie=True, dtype="bfloat16"), tmp_path)
+    assert loaded.rope_parameters["rope_theta"] == 1e6
+    assert loaded.num_hidden_layers == 2 and loaded.layer_types == ["full_attention", "full_attention"]
+    assert loaded.max_position_embeddings == 512 and loaded.head_dim == 32
