@@ -320,6 +320,21 @@ class _Reader:
                             pos += 2
                             continue
                 elif code == 0x29:  # EMPTY_TUPLE
+                    if pos + 1 < limit and data[pos + 1] == 0x81 and stack and type(stack[-1]) is Class:
+                        cls = stack[-1]  # EMPTY_TUPLE NEWOBJ, as a pickler writes an instance: done as NEWOBJ is
+                        obj = cls.new()
+                        key = id(obj)
+                        fresh[key] = cls
+                        instances.add(key)
+                        alive_append(obj)
+                        depth[key] = 1
+                        open_[key] = obj
+                        stack[-1] = obj
+                        pos += 2
+                        if pos < limit and data[pos] == 0x94:  # and the MEMOIZE that follows most new objects
+                            memo[len(memo)] = obj
+                            pos += 1
+                        continue
                     stack.append(())
                     pos += 1
                     continue
@@ -342,6 +357,9 @@ class _Reader:
                             open_[key] = obj
                             stack.append(obj)
                             pos += 1
+                            if pos < limit and data[pos] == 0x94:  # and the MEMOIZE that follows most new objects
+                                memo[len(memo)] = obj
+                                pos += 1
                             continue
                 elif code == 0x85:  # TUPLE1
                     if stack:
@@ -357,6 +375,9 @@ class _Reader:
                             alive_append(value)
                             depth[id(value)] = deepest + 1
                             pos += 1
+                            if pos < limit and data[pos] == 0x94:  # and the MEMOIZE that follows most new objects
+                                memo[len(memo)] = value
+                                pos += 1
                             continue
                 elif code == 0x28:  # MARK
                     metastack.append(stack)
@@ -407,6 +428,9 @@ class _Reader:
                     open_[key] = value
                     stack.append(value)
                     pos += 1
+                    if pos < limit and data[pos] == 0x94:  # and the MEMOIZE that follows most new objects
+                        memo[len(memo)] = value
+                        pos += 1
                     continue
                 elif code == 0x62:  # BUILD: state placed first, then only a fresh, open instance takes it
                     if len(stack) >= 2:
@@ -468,6 +492,9 @@ class _Reader:
                                 depth[id(value)] = deepest + 1
                             stack.append(value)
                             pos += 1
+                            if pos < limit and data[pos] == 0x94:  # and the MEMOIZE that follows most new objects
+                                memo[len(memo)] = value
+                                pos += 1
                             continue
                 elif code == 0x4d:  # BININT2
                     if pos + 3 <= limit:
@@ -502,6 +529,9 @@ class _Reader:
                             depth[id(value)] = deepest + 1
                             stack.append(value)
                             pos += 1
+                            if pos < limit and data[pos] == 0x94:  # and the MEMOIZE that follows most new objects
+                                memo[len(memo)] = value
+                                pos += 1
                             continue
                 elif code == 0x4a:  # BININT
                     if pos + 5 <= limit:
