@@ -17,6 +17,7 @@ from molgen_export.errors import ConfigError, MolgenExportError
 from molgen_export.pipeline.export import export_step
 from molgen_export.mapping.keymap import WRAPPER_SEGMENTS, canonical_titan_key
 from molgen_export.mapping.run_config import parse_run_config
+from tests.helpers.titan_version import IS_TITAN021
 
 
 def _edit_job_config(run, edit) -> None:
@@ -54,6 +55,20 @@ CONFIG_CASES = [
     ("unknown architecture", _set("model_spec.name", "llama3"), ConfigError, ["llama3", "Qwen3"]),
     ("not a job config", lambda d: d.clear() or d.update({"hello": 1}), ConfigError, ["not a TorchTitan job config"]),
 ]
+
+# the same for a torchtitan 0.2.1 run (its JobConfig.to_dict(): a flavor, no dims; "wrong dims" is another flavor)
+CONFIG_CASES_TITAN021 = [
+    ("missing hf_assets_path", _set("model.hf_assets_path", _DELETE), ConfigError, ["hf_assets_path", "--hf-assets"]),
+    ("assets path of the wrong type", _set("model.hf_assets_path", 5), ConfigError, ["not a string"]),
+    ("seq_len of the wrong type", _set("training.seq_len", "long"), ConfigError, ["training.seq_len", "'long'"]),
+    ("negative keep_latest_k", _set("checkpoint.keep_latest_k", -1), ConfigError, ["keep_latest_k"]),
+    ("unknown dtype", _set("training.mixed_precision_param", "fp8"), ConfigError, ["mixed_precision_param", "fp8"]),
+    ("wrong dims", _set("model.flavor", "debugmodel"), ConfigError, ["vocab_size=2048", "320"]),
+    ("unknown architecture", _set("model.name", "llama3"), ConfigError, ["llama3", "Qwen3"]),
+    ("not a job config", lambda d: d.clear() or d.update({"hello": 1}), ConfigError, ["not a TorchTitan job config"]),
+]
+if IS_TITAN021:
+    CONFIG_CASES = CONFIG_CASES_TITAN021
 
 
 @pytest.mark.parametrize("name, edit, error, words", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from molgen_export.options import ExportOptions
 from tests.helpers.procs import run_group
+from tests.helpers.titan_version import IS_TITAN021, native_key
 from molgen_export.demo import make_demo_run, tiny_arch
 from molgen_export.errors import (CheckpointFormatError, ConfigError, MappingError, VerificationError)
 from molgen_export.pipeline.export import export_step, output_dir_for
@@ -129,7 +130,8 @@ def test_run_configured_tied_but_trained_untied_is_exported_untied(tmp_path):
     """pytorch/torchtitan#2252: the config says tied, the checkpoint's head differs from the embedding."""
 
     def untie(state):
-        state["lm_head.weight"] = state["lm_head.weight"].clone() + 0.5
+        head = native_key("lm_head.weight")  # output.weight in a 0.2.1 run
+        state[head] = state[head].clone() + 0.5
 
     run = make_demo_run(tmp_path, steps=(5,), mutate=untie)
     report = export_step(run.steps[0])
@@ -185,7 +187,7 @@ def test_fused_wqkv_checkpoint_is_split(tmp_path):
     def fuse(state):
         for layer in (0, 1):
             prefix = f"layers.{layer}.attention.qkv_linear."
-            wq, wk, wv = (state.pop(prefix + f"{w}.weight") for w in ("wq", "wk", "wv"))
+            wq, wk, wv = (state.pop(native_key(prefix + f"{w}.weight")) for w in ("wq", "wk", "wv"))
             q = wq.reshape(2, 2, 32, 64)
             k = wk.reshape(2, 1, 32, 64)
             v = wv.reshape(2, 1, 32, 64)
@@ -225,7 +227,7 @@ def test_sharded_two_rank_fsdp_checkpoint(tmp_path):
     full = torch.load(reference, weights_only=True)
     assert torch.equal(hf["model.layers.1.mlp.down_proj.weight"], full["layers.1.feed_forward.w2.weight"])
     assert torch.equal(hf["model.embed_tokens.weight"], full["tok_embeddings.weight"])
-    assert torch.equal(hf["model.layers.0.self_attn.k_proj.weight"], full["layers.0.attention.qkv_linear.wk.weight"])
+    assert torch.equal(hf["model.layers.0.self_attn.k_proj.weight"], full[native_key("layers.0.attention.qkv_linear.wk.weight")])
 
 
 def test_mapping_error_shows_as_large_logit_difference(demo_run, tmp_path):
@@ -266,12 +268,15 @@ def test_missing_base_assets_refused(demo_run):
 
 def test_config_contradicting_shapes_is_refused(demo_run):
     config = json.loads(demo_run.job_config.read_text())
-    config["model_spec"]["model"]["dim"] = 128
+    if IS_TITAN021:  # a 0.2.1 job config names a flavor: one of the registry's, of other dims
+        config["model"]["flavor"], said, truth = "debugmodel", "vocab_size=2048", "320"
+    else:
+        config["model_spec"]["model"]["dim"], said, truth = 128, "dim=128", "64"
     demo_run.job_config.write_text(json.dumps(config))
     (demo_run.checkpoint_root / "config.json").unlink()
-    with pytest.raises(ConfigError, match="dim=128") as info:
+    with pytest.raises(ConfigError, match=said) as info:
         export_step(demo_run.steps[0])
-    assert "64" in str(info.value)
+    assert truth in str(info.value)
 
 
 def test_tokenizer_larger_than_embedding_is_refused(tmp_path):

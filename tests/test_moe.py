@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from molgen_export.cli import main
 from molgen_export.options import ExportOptions
 from tests.helpers.procs import run_group
+from tests.helpers.titan_version import IS_TITAN021, MOE_LAYERS, native_key
 from molgen_export.demo import make_demo_run, tiny_moe_arch
 from molgen_export.errors import VerificationError
 from molgen_export.pipeline.export import export_step
@@ -31,8 +32,8 @@ def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def moe_run(tmp_path_factory):
-    """12 experts (so 10 and 11 sort after 9 only numerically), layer 0 dense, layer 1 MoE."""
-    return make_demo_run(tmp_path_factory.mktemp("moe"), steps=(5,), arch=tiny_moe_arch(moe_layers=(1,)))
+    """12 experts (so 10 and 11 sort after 9 only numerically), layer 0 dense (MoE under 0.2.1), layer 1 MoE."""
+    return make_demo_run(tmp_path_factory.mktemp("moe"), steps=(5,), arch=tiny_moe_arch(moe_layers=MOE_LAYERS))
 
 
 def test_moe_export_loads_as_qwen3_moe_and_matches_titan(moe_run, tmp_path):
@@ -41,17 +42,17 @@ def test_moe_export_loads_as_qwen3_moe_and_matches_titan(moe_run, tmp_path):
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["model_type"] == "qwen3_moe"
     assert (config["num_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]) == (12, 2, 48)
-    assert config["mlp_only_layers"] == [0] and config["norm_topk_prob"] is True
+    assert config["mlp_only_layers"] == ([] if IS_TITAN021 else [0]) and config["norm_topk_prob"] is True
     assert report.fidelity["passed"] and report.fidelity["top1_agreement"] == 1.0
 
     tensors = hf_tensors(hf_dir)
-    assert "model.layers.0.mlp.gate_proj.weight" in tensors  # the dense layer stays dense
+    assert ("model.layers.0.mlp.gate_proj.weight" in tensors) is not IS_TITAN021  # the dense layer stays dense
     assert not any("expert_bias" in k for k in tensors)
     from molgen_export.dcp.read import read_step_metadata
 
     meta = read_step_metadata(moe_run.steps[0])
-    w1 = meta.read("layers.1.moe.routed_experts.inner_experts.w1_EFD")
-    w2 = meta.read("layers.1.moe.routed_experts.inner_experts.w2_EDF")
+    w1 = meta.read(native_key("layers.1.moe.routed_experts.inner_experts.w1_EFD"))
+    w2 = meta.read(native_key("layers.1.moe.routed_experts.inner_experts.w2_EDF"))
     for expert in (0, 9, 10, 11):  # numeric order: expert 10 is not expert 1's neighbour
         assert torch.equal(tensors[f"model.layers.1.mlp.experts.{expert}.gate_proj.weight"], w1[expert])
         assert torch.equal(tensors[f"model.layers.1.mlp.experts.{expert}.down_proj.weight"], w2[expert])
@@ -87,7 +88,7 @@ def test_swapped_experts_are_caught_by_the_logit_check(moe_run, tmp_path):
     assert good.passed
     swapped = dict(state)
     for key in ("w1_EFD", "w2_EDF", "w3_EFD"):
-        name = f"layers.1.moe.routed_experts.inner_experts.{key}"
+        name = native_key(f"layers.1.moe.routed_experts.inner_experts.{key}")
         value = state[name].clone()
         value[[1, 10]] = value[[10, 1]]
         swapped[name] = value
@@ -99,9 +100,9 @@ def test_swapped_experts_are_caught_by_the_logit_check(moe_run, tmp_path):
 
 def test_nonzero_expert_bias_is_refused_unless_allowed(tmp_path, capsys):
     def bias(state):
-        state["layers.1.moe.expert_bias_E"] = torch.linspace(-0.5, 0.5, 12)
+        state[native_key("layers.1.moe.expert_bias_E")] = torch.linspace(-0.5, 0.5, 12)
 
-    run = make_demo_run(tmp_path, steps=(5,), arch=tiny_moe_arch(moe_layers=(1,)), mutate=bias)
+    run = make_demo_run(tmp_path, steps=(5,), arch=tiny_moe_arch(moe_layers=MOE_LAYERS), mutate=bias)
     with pytest.raises(VerificationError, match="max\\|bias\\| 0.5") as info:
         export_step(run.steps[0])
     assert "--allow-expert-bias-drop" in str(info.value)
@@ -129,7 +130,7 @@ def test_titan_02_moe_names(tmp_path):
 def test_dry_run_lists_experts_and_routing(moe_run, capsys):
     assert main(["--dcp-path", str(moe_run.steps[0]), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "12 experts, top-2, expert FFN 48, norm_topk_prob=True, MoE layers [1]" in out
+    assert f"12 experts, top-2, expert FFN 48, norm_topk_prob=True, MoE layers {list(MOE_LAYERS)}" in out
 
 
 @pytest.mark.slow
@@ -145,7 +146,7 @@ def test_two_rank_fsdp_moe_checkpoint(tmp_path):
     from molgen_export.mapping.run_config import write_checkpoint_config
 
     make_tokenizer(tmp_path / "assets")
-    arch = tiny_moe_arch(moe_layers=(1,))
+    arch = tiny_moe_arch(moe_layers=MOE_LAYERS)
     write_base_assets(tmp_path / "assets", arch, eos_id=0)
     job = tmp_path / "run" / "job_config.json"
     job.write_text(json.dumps(job_config_dict(arch, flavor="tiny_moe", hf_assets_path="./assets",
@@ -155,6 +156,6 @@ def test_two_rank_fsdp_moe_checkpoint(tmp_path):
     assert report.fidelity["passed"]
     tensors = hf_tensors(Path(report.output_dir))
     full = torch.load(reference, weights_only=True)
-    grouped = full["layers.1.moe.routed_experts.inner_experts.w3_EFD"]
+    grouped = full[native_key("layers.1.moe.routed_experts.inner_experts.w3_EFD")]
     for expert in range(12):
         assert torch.equal(tensors[f"model.layers.1.mlp.experts.{expert}.up_proj.weight"], grouped[expert])

@@ -315,7 +315,8 @@ class Titan021(Titan):
                               hint='export this run with torchtitan 0.3 installed: pip install "torchtitan>=0.3,<0.4"')
         moe_args = MoEArgs() if moe is None else MoEArgs(
             num_experts=moe.num_experts, num_shared_experts=0, score_func="softmax", route_norm=moe.norm_topk_prob,
-            route_scale=1.0, score_before_experts=False, top_k=moe.top_k)
+            route_scale=1.0, score_before_experts=False, top_k=moe.top_k,
+            use_grouped_mm=False)  # 0.2.1's for-loop experts: its grouped-mm path pads with triton kernels (GPU)
         return Qwen3ModelArgs(
             dim=arch.dim, n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads,
             vocab_size=arch.vocab_size, head_dim=arch.head_dim, hidden_dim=arch.hidden_dim, norm_eps=arch.norm_eps,
@@ -365,8 +366,16 @@ class Titan021(Titan):
         with torch.device("meta"):
             model = Qwen3Model(config)
         model.to_empty(device=device)
+        if config.enable_weight_tying:  # 0.2.1 ties in parallelize_qwen3, before init_weights; the model never does
+            model.output.weight = model.tok_embeddings.weight
         with torch.no_grad():
             model.init_weights(buffer_device=torch.device(device))
+        if config.moe_enabled:
+            from torchtitan.models.moe.moe import MoE
+
+            for module in model.modules():
+                if isinstance(module, MoE):
+                    module.forward = functools.partial(_with_integer_histc, module.forward)
         return model
 
     def is_moe(self, config) -> bool:
@@ -409,6 +418,27 @@ class Titan021(Titan):
 
     def final_norm(self, config):
         return torch.nn.RMSNorm(config.dim, eps=config.norm_eps)
+
+
+def _with_integer_histc(forward, *args, **kwargs):
+    """Run a 0.2.1 MoE forward where `torch.histc` also counts integer ids on CPU.
+
+    0.2.1's router and reorderer count tokens per expert with `torch.histc` of the (int64) expert ids, which CPU
+    torch does not implement ("histc_cpu not implemented for 'Long'"): on CPU the ids are counted as floats (exact
+    for any expert count) and the counts returned in the ids' dtype, as CUDA returns them. Nothing else changes.
+    """
+    original = torch.histc
+
+    def histc(values, *rest, **options):
+        if values.device.type == "cpu" and not values.is_floating_point():
+            return original(values.float(), *rest, **options).to(values.dtype)
+        return original(values, *rest, **options)
+
+    torch.histc = histc
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        torch.histc = original
 
 
 def _import_run_module(name: str, launch_dir: Path | None) -> None:

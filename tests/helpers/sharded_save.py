@@ -14,13 +14,17 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.fsdp import fully_shard
 
 from molgen_export.demo import build_model, tiny_arch, tiny_moe_arch, titan_checkpoint_state
+from molgen_export.mapping import titan
+
+# layer 0 dense, layer 1 MoE; both MoE under torchtitan 0.2.1 (its Qwen3 is all MoE or none), as tests/helpers/titan_version.py
+MOE_LAYERS = (0, 1) if titan.installed().release < (0, 3, 0) else (1,)
 
 
 def main() -> None:
     step_dir, seed, reference = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     dist.init_process_group("gloo")
     torch.manual_seed(seed)
-    arch = tiny_moe_arch(moe_layers=(1,)) if len(sys.argv) > 4 and sys.argv[4] == "moe" else tiny_arch(vocab_size=320, tie=False)
+    arch = tiny_moe_arch(moe_layers=MOE_LAYERS) if len(sys.argv) > 4 and sys.argv[4] == "moe" else tiny_arch(vocab_size=320, tie=False)
     model = build_model(arch, seed)
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     mesh = dist.device_mesh.init_device_mesh("cpu", (dist.get_world_size(),))
