@@ -1,0 +1,232 @@
+"""Qwen3.5 (torchtitan 0.3 `qwen3_5`, dense and MoE) -> HF text model: tiny real torchtitan models trained two steps
+on CPU through the pure-torch delta rule, mapped with our map, written as an HF folder, loaded with
+`AutoModelForCausalLM`, and compared logit for logit with torchtitan's own modules; the 0.3.0 adapter's expert
+layout pinned and refused; a DCP save read back through `molgen_export.dcp.read`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from molgen_export.errors import ConfigError, MappingError
+from molgen_export.mapping import qwen3_5 as qmap
+from molgen_export.mapping.qwen3_5_config import hf_text_config
+
+try:
+    from molgen_export.verify import qwen3_5_reference as ref
+
+    TITAN = ref.import_qwen3_5().package
+except ImportError as exc:  # torchtitan before 0.3.0, or no torchtitan
+    pytest.skip(f"no torchtitan qwen3_5 to test against: {exc}", allow_module_level=True)
+
+DIM, FFN, MOE_FFN, EXPERTS, VOCAB = 64, 96, 32, 4, 128
+"""MOE_FFN = DIM / 2 makes the 0.3.0 adapter's gate_up_proj [E, D, 2F] the same shape as HF's [E, 2F, D], so its
+wrong layout loads and must be caught by the logits, not only by a shape."""
+
+RELATIVE_TOLERANCE = 1e-4
+"""max|logit difference| allowed, relative to max|logit| (both sides compute in float32)."""
+
+
+def _tiny_config(moe: bool):
+    from torchtitan.models.common import Embedding, Linear
+
+    rope = TITAN.MRoPE.Config(dim=8, max_seq_len=64, theta=10_000.0, mrope_section=[2, 1, 1])
+    common = dict(rope=rope, attn_backend="flex", n_layers=4, dim=DIM, n_heads=4, n_kv_heads=2, head_dim=16,
+                  rotary_dim=8, n_key_heads=2, n_value_heads=4, key_head_dim=16, value_head_dim=8,
+                  full_attention_interval=2)  # linear, full, linear, full
+    if moe:
+        layers = TITAN._build_qwen35_moe_layers(moe_hidden_dim=MOE_FFN, num_experts=EXPERTS, top_k=2,
+                                                shared_expert_hidden_dim=24, **common)
+    else:
+        layers = TITAN._build_qwen35_layers(hidden_dim=FFN, **common)
+    return TITAN.Qwen35Model.Config(
+        vocab_size=VOCAB, dim=DIM, norm=TITAN._offset_norm(DIM),
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=TITAN._EMBEDDING_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=TITAN._output_linear_init(DIM)),
+        layers=layers,
+        vision_encoder=TITAN._qwen35_vision_encoder_config(dim=32, ffn_dim=32, num_layers=1, num_heads=2,
+                                                           patch_size=2, temporal_patch_size=1, spatial_merge_size=1,
+                                                           out_hidden_size=DIM, num_position_embeddings=4))
+
+
+def _train_two_steps(config) -> dict[str, torch.Tensor]:
+    """A tiny torchtitan qwen3_5 model, two AdamW steps of next-token loss on CPU; its state dict."""
+    torch.manual_seed(0)
+    model = ref.build_reference_model(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    tokens = torch.randint(0, VOCAB, (1, 17))
+    positions = torch.arange(16)[None]
+    for _ in range(2):
+        logits = model(tokens[:, :-1], positions=positions, attention_masks=None, special_tokens=ref._TEXT_ONLY)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def run(request):
+    config = _tiny_config(request.param == "moe")
+    return request.param, config, _train_two_steps(config)
+
+
+def _hf_config(config):
+    from transformers import AutoConfig
+
+    fields = hf_text_config(config)
+    return AutoConfig.for_model(fields.pop("model_type"), **{k: v for k, v in fields.items() if k != "architectures"})
+
+
+def _hf_model(config, hf_sd=None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(_hf_config(config), attn_implementation="sdpa").float().eval()
+    if hf_sd is not None:
+        model.load_state_dict(hf_sd, strict=True)
+    return model
+
+
+def _compare(titan_logits: torch.Tensor, hf_logits: torch.Tensor) -> tuple[float, float, float]:
+    """max|Δ|, max|logit| (titan), top-1 agreement."""
+    diff = (titan_logits - hf_logits).abs().max().item()
+    return diff, titan_logits.abs().max().item(), (titan_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item()
+
+
+TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def test_plan_accounts_for_every_key_and_matches_the_hf_model(run):
+    kind, config, state = run
+    plan = qmap.plan_hf_text({k: tuple(v.shape) for k, v in state.items()}, text_only=True)
+    hf_shapes = {k: tuple(v.shape) for k, v in _hf_model(config).state_dict().items()}
+    assert {t.hf_key: t.shape for t in plan.tensors} == hf_shapes
+    used = {k for t in plan.tensors for k in t.titan_keys}
+    assert used.isdisjoint(plan.set_aside) and used | set(plan.set_aside) == set(state)
+    assert any(k.startswith("vision_encoder.") for k in plan.set_aside)
+    assert ("layers.0.moe.expert_bias_E" in plan.set_aside) is (kind == "moe")
+    assert hf_text_config(config)["layer_types"] == ["linear_attention", "full_attention"] * 2
+
+    with pytest.raises(MappingError, match=r"vision-tower .*vision_encoder\.") as caught:
+        qmap.plan_hf_text({k: tuple(v.shape) for k, v in state.items()})
+    assert "text-only" in caught.value.hint
+    with pytest.raises(MappingError, match=r"layers\.0\.attn\.mystery\.weight"):
+        qmap.plan_hf_text({"layers.0.attn.mystery.weight": (4, 4), "norm.weight": (4,)})
+    with pytest.raises(MappingError, match=r"in_proj_qkv\.weight needs layers\.0\.attn\.in_proj_k\.weight"):
+        qmap.plan_hf_text({"layers.0.attn.in_proj_q.weight": (4, 4), "layers.0.attn.in_proj_v.weight": (4, 4)})
+
+
+def test_exported_folder_loads_with_automodel_and_matches_torchtitan_logits(run, tmp_path):
+    """The HF folder (our tensors, our config.json) computes torchtitan's logits: `AutoModelForCausalLM` picks the
+    class from config.json; torchtitan runs its own modules with the pure-torch delta rule."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    kind, config, state = run
+    hf_sd, _ = qmap.to_hf_text(state, text_only=True)
+    save_file(hf_sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_text_config(config)))
+    hf_model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True, dtype=torch.float32,
+                                                          attn_implementation="sdpa")
+    assert type(hf_model).__name__ == ("Qwen3_5MoeForCausalLM" if kind == "moe" else "Qwen3_5ForCausalLM")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    titan_logits = ref.forward_logits(ref.build_reference_model(config, state), TOKENS)
+    with torch.no_grad():
+        hf_logits = hf_model.eval()(TOKENS).logits.float()
+    diff, scale, top1 = _compare(titan_logits, hf_logits)
+    assert diff <= RELATIVE_TOLERANCE * scale, f"{kind}: max|Δ| {diff:.3g} vs max|logit| {scale:.3g}"
+    assert top1 == 1.0, f"{kind}: top-1 agreement {top1}"
+
+
+def test_adapter_030_expert_layout_is_wrong_and_refused(run):
+    """torchtitan 0.3.0's `Qwen35StateDictAdapter.to_hf` writes gate_up_proj [E, D, 2F] and down_proj [E, F, D];
+    HF wants [E, 2F, D] and [E, D, F]. Its full output is refused at load; its gate_up_proj, which here has HF's
+    shape, loads and fails the logit comparison. Every other tensor it writes agrees with ours."""
+    kind, config, state = run
+    if kind != "moe":
+        pytest.skip("the expert layout is MoE only")
+    adapter_sd = TITAN.Qwen35StateDictAdapter(config, None).to_hf(dict(state))
+    text = {("model." + k[len(qmap.ADAPTER_TEXT_PREFIX):] if k.startswith(qmap.ADAPTER_TEXT_PREFIX) else k): v
+            for k, v in adapter_sd.items() if not k.startswith("model.visual.")}
+    ours, _ = qmap.to_hf_text(state, text_only=True)
+    assert set(text) == set(ours)
+    gate_up, down = "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"
+    assert tuple(text[gate_up].shape) == (EXPERTS, DIM, 2 * MOE_FFN)  # the pinned bad layout [E, D, 2F]
+    assert tuple(text[down].shape) == (EXPERTS, MOE_FFN, DIM)  # [E, F, D]
+    assert qmap.ADAPTER_030_EXPERT_LAYOUT["gate_up_proj"][1] == "[E, D, 2F]"
+    assert tuple(ours[gate_up].shape) == (EXPERTS, 2 * MOE_FFN, DIM) and tuple(ours[down].shape) == (EXPERTS, DIM, MOE_FFN)
+    for key, value in ours.items():
+        if ".mlp.experts." not in key:
+            assert torch.equal(text[key], value), key
+
+    with pytest.raises(RuntimeError, match=r"size mismatch for model\.layers\.\d+\.mlp\.experts\.down_proj"):
+        _hf_model(config, text)
+
+    following_adapter = dict(ours)
+    for key in ours:
+        if key.endswith("gate_up_proj"):
+            following_adapter[key] = text[key]
+    titan_logits = ref.forward_logits(ref.build_reference_model(config, state), TOKENS)
+    with torch.no_grad():
+        hf_logits = _hf_model(config, following_adapter)(TOKENS).logits.float()
+    diff, scale, top1 = _compare(titan_logits, hf_logits)
+    assert diff > 100 * RELATIVE_TOLERANCE * scale and top1 < 1.0, (diff, scale, top1)
+
+
+def test_dcp_save_reads_back_through_molgen_dcp_read(run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from molgen_export.dcp.read import read_step_metadata
+
+    kind, config, state = run
+    step_dir = tmp_path / "step-2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({**state, "train_state": {"step": 2}}, checkpoint_id=str(step_dir))
+    meta = read_step_metadata(step_dir)
+    assert {k: tuple(e.shape) for k, e in meta.model.items()} == {k: tuple(v.shape) for k, v in state.items()}
+    for key in ("layers.0.attn.conv_q.weight", "layers.0.attn.A_log", "layers.1.attn.wq.weight",
+                "layers.1.moe.routed_experts.inner_experts.w2_EDF" if kind == "moe" else "layers.1.feed_forward.w2.weight"):
+        assert torch.equal(meta.read(key), state[key]), key
+    plan = qmap.plan_hf_text({k: tuple(e.shape) for k, e in meta.model.items()}, text_only=True)
+    assert plan == qmap.plan_hf_text({k: tuple(v.shape) for k, v in state.items()}, text_only=True)
+
+
+def test_hf_config_refuses_what_hf_cannot_express():
+    config = _tiny_config(moe=True)
+    config.layers[0].moe.router.score_func = "sigmoid"
+    config.layers[2].attention_norm.eps = 1e-5
+    with pytest.raises(ConfigError) as caught:
+        hf_text_config(config)
+    message = str(caught.value)
+    assert "layers.0.moe.router: score_func='sigmoid'" in message and "layers.2.attention_norm.eps" in message
+    dense = _tiny_config(moe=False)
+    dense.layers[1].attention.wk.bias = True
+    with pytest.raises(ConfigError, match=r"layers\.1\.attention\.wk\.bias = True"):
+        hf_text_config(dense)
+
+
+def test_recurrent_delta_rule_matches_transformers_chunked_and_restarts_per_document():
+    """Ours (token by token) against transformers' chunked torch path, on inputs with the shapes torchtitan passes;
+    with document offsets each document is the same as run alone."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    generator = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 70, 4, 16, generator=generator) for _ in range(2))
+    v = torch.randn(1, 70, 4, 8, generator=generator)
+    g = -torch.rand(1, 70, 4, generator=generator)
+    beta = torch.rand(1, 70, 4, generator=generator)
+    ours, _ = ref.recurrent_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    theirs, _ = modeling_qwen3_5.torch_chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+    offsets = torch.tensor([0, 30, 70])
+    split, _ = ref.recurrent_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, cu_seqlens=offsets)
+    second, _ = ref.recurrent_gated_delta_rule(q[:, 30:], k[:, 30:], v[:, 30:], g[:, 30:], beta[:, 30:],
+                                               use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(split[:, 30:], second)
+    torch.testing.assert_close(split[:, :30], ours[:, :30])
