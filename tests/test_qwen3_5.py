@@ -230,3 +230,49 @@ def test_recurrent_delta_rule_matches_transformers_chunked_and_restarts_per_docu
                                                use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(split[:, 30:], second)
     torch.testing.assert_close(split[:, :30], ours[:, :30])
+
+
+def test_dcp_step_exports_and_passes_the_gate_and_the_adapter_layout_is_refused(run, tmp_path):
+    """A DCP step read back through `dcp.read`, mapped, written, passes the Qwen3.5 logit gate (torchtitan's modules
+    with the pure-torch delta rule against `AutoModelForCausalLM` on the folder); the same folder with the 0.3.0
+    adapter's gate_up_proj layout is refused by that gate."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    from molgen_export.dcp.read import read_step_metadata
+    from molgen_export.errors import VerificationError
+    from molgen_export.verify import qwen3_5_gate
+
+    kind, config, state = run
+    step_dir = tmp_path / "step-2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(dict(state), checkpoint_id=str(step_dir))
+    meta = read_step_metadata(step_dir)
+    titan_sd = {key: meta.read(key) for key in meta.model}
+    plan = qmap.plan_hf_text({k: tuple(e.shape) for k, e in meta.model.items()}, text_only=True)
+    hf_sd = {entry.hf_key: qmap.build_hf_tensor(entry, titan_sd) for entry in plan.tensors}
+
+    def write(folder, tensors):
+        folder.mkdir()
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(hf_text_config(config)))
+        return folder
+
+    text_sd = {k: v for k, v in titan_sd.items() if not k.startswith("vision_encoder.")}  # the gate fills the tower
+    fidelity = qwen3_5_gate.verify_qwen3_5_logits(config, text_sd, write(tmp_path / "hf", hf_sd),
+                                                  vocab_limit=VOCAB, tolerance=RELATIVE_TOLERANCE)
+    qwen3_5_gate.require_passed(fidelity, tmp_path / "hf")
+    assert fidelity.result.top1_agreement == 1.0 and fidelity.delta_rule_op == ref.DELTA_RULE_OP
+    assert fidelity.to_json()["tokens"] == 64
+    if kind != "moe":
+        return
+    adapter_sd = TITAN.Qwen35StateDictAdapter(config, None).to_hf(dict(titan_sd))
+    bad = {k: (adapter_sd[qmap.ADAPTER_TEXT_PREFIX + k[len("model."):]] if k.endswith("gate_up_proj") else v)
+           for k, v in hf_sd.items()}
+    refused = qwen3_5_gate.verify_qwen3_5_logits(config, text_sd, write(tmp_path / "hf-adapter", bad),
+                                                 vocab_limit=VOCAB, tolerance=RELATIVE_TOLERANCE)
+    assert not refused.passed and refused.result.top1_agreement < 1.0
+    with pytest.raises(VerificationError, match=r"max\|Δ\| .* > .*top-1 agreement") as caught:
+        qwen3_5_gate.require_passed(refused, tmp_path / "hf-adapter")
+    assert "expert layout" in caught.value.hint

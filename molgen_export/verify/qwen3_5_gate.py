@@ -1,0 +1,103 @@
+"""The logit gate for Qwen3.5 exports: torchtitan's `qwen3_5` modules (the CPU reference, see
+`qwen3_5_reference`) against the HF folder as written, loaded with `AutoModelForCausalLM`, on the same tokens and
+with the same figures and tolerance rule as the Qwen3 gate (`logit_gate.compare_logits`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from molgen_export.errors import VerificationError
+from molgen_export.verify import logit_gate, qwen3_5_reference
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Qwen35Fidelity:
+    """The comparison's figures, and how the TorchTitan side computed its Gated DeltaNet layers."""
+
+    result: logit_gate.FidelityResult
+    delta_rule_op: str
+    """`fla` (torchtitan's own kernels, on CUDA) or `qwen3_5_reference.DELTA_RULE_OP` (the pure-torch op)."""
+    fla_placeholders: bool
+    """torchtitan's qwen3_5 was imported over placeholder `fla` modules (`fla` is not installed here)."""
+
+    @property
+    def passed(self) -> bool:
+        return self.result.passed
+
+    def to_json(self) -> dict:
+        return {**asdict(self.result), "delta_rule_op": self.delta_rule_op, "fla_placeholders": self.fla_placeholders}
+
+
+class _TitanLogits(torch.nn.Module):
+    """The reference model behind the `model(tokens) -> logits` call `compare_logits` makes."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return qwen3_5_reference.forward_logits(self.model, tokens)
+
+
+def verify_qwen3_5_logits(titan_config, titan_state: dict[str, torch.Tensor], hf_dir: Path, *, vocab_limit: int,
+                          tolerance: float, device: str = "cpu", batch: int = 2, length: int = 32) -> Qwen35Fidelity:
+    """Build torchtitan's model of `titan_config` with `titan_state` and compare it with the folder `hf_dir`.
+
+    Args:
+        titan_config: the run's `Qwen35Model.Config`.
+        titan_state: its text-model tensors (TorchTitan names; the vision tower and the expert bias may be left
+            out: a missing expert bias routes as zero, as HF does).
+        hf_dir: the HF folder written by the export.
+        vocab_limit: logits compared on `[:vocab_limit]` (the tokenizer's ids).
+        tolerance: allowed max|Δ| relative to max(1, max|logit|).
+
+    Raises:
+        VerificationError: transformers loads the folder with missing, unexpected or mismatched keys.
+    """
+    imported = qwen3_5_reference.import_qwen3_5()
+    model = qwen3_5_reference.build_reference_model(titan_config, _with_model_only(titan_config, titan_state),
+                                                    device=device)
+    hf_model = logit_gate.load_hf_model(hf_dir, device)
+    tokens = [logit_gate.fixed_token_batch(vocab_limit, batch=batch, length=length)]
+    result = logit_gate.compare_logits(_TitanLogits(model), hf_model, tokens, vocab_limit, tolerance=tolerance,
+                                       device=device)
+    on_fla = not imported.fla_placeholders and str(device).startswith("cuda")
+    fidelity = Qwen35Fidelity(result, "fla" if on_fla else qwen3_5_reference.DELTA_RULE_OP,
+                              imported.fla_placeholders)
+    logger.info("qwen3_5 logits: max|Δ| %.3g (limit %.3g) top-1 %.4f over %d tokens; delta rule %s",
+                result.max_abs_diff, result.tolerance, result.top1_agreement, result.tokens, fidelity.delta_rule_op)
+    return fidelity
+
+
+def _with_model_only(titan_config, titan_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with the vision tower filled from a fresh build when absent: the text logits never read it."""
+    if any(k.startswith("vision_encoder.") for k in titan_state):
+        return titan_state
+    with torch.device("meta"):
+        skeleton = qwen3_5_reference.reference_config(titan_config).build()
+    filled = dict(titan_state)
+    for key, value in skeleton.state_dict().items():
+        if key.startswith("vision_encoder.") and key not in filled:
+            filled[key] = torch.zeros(value.shape, dtype=torch.float32)
+    return filled
+
+
+def require_passed(fidelity: Qwen35Fidelity, hf_dir: Path) -> None:
+    """Raise when the gate failed, with the figures.
+
+    Raises:
+        VerificationError: max|Δ| beyond the tolerance (or NaN).
+    """
+    r = fidelity.result
+    if not r.passed:
+        raise VerificationError(f"the exported Qwen3.5 folder {hf_dir} computes other logits than torchtitan's "
+                                f"qwen3_5: max|Δ| {r.max_abs_diff:.3g} > {r.tolerance:.3g}, top-1 agreement "
+                                f"{r.top1_agreement:.3f} over {r.tokens} tokens (delta rule: {fidelity.delta_rule_op})",
+                                hint="the key map or a tensor layout is wrong (e.g. the torchtitan 0.3.0 adapter's "
+                                     "expert layout); nothing should be published")
