@@ -12,6 +12,7 @@ from molgen_export.runner import launch
 from molgen_export.cli import main
 from molgen_export.options import ExportOptions
 from molgen_export.verify.preflight import run_preflight
+from tests.helpers.titan_version import requires_titan03
 from tests.test_runner import stand_in_run
 
 
@@ -33,6 +34,7 @@ def test_preflight_of_the_demo_job_config_passes_every_check(demo_run, capsys):
     assert result.ok and result.export_bytes > 0
 
 
+@requires_titan03("it plants refused settings in a 0.3 job config (model_spec.model)")
 def test_preflight_refuses_by_name_what_the_export_would_refuse(demo_run, capsys):
     demo_run.job_config.write_text(json.dumps(_unexportable(json.loads(demo_run.job_config.read_text()))))
     assert main(["preflight", str(demo_run.job_config)]) == 2
@@ -51,6 +53,7 @@ def test_preflight_checks_the_disk_of_the_export_root(demo_run, tmp_path, monkey
     assert "one export needs" in result.first_failure().detail
 
 
+@requires_titan03("the runner launches a 0.3 job config (model_spec) with a refused setting")
 @pytest.mark.parametrize("mode, launches", [("error", False), ("warn", True)])
 def test_runner_does_not_launch_an_unexportable_run(demo_run, tmp_path, caplog, capsys, mode, launches):
     path = stand_in_run(demo_run, tmp_path, steps=10)
@@ -68,6 +71,7 @@ def test_runner_does_not_launch_an_unexportable_run(demo_run, tmp_path, caplog, 
         assert "training was not launched" in err and "wo.bias = True" in err
 
 
+@requires_titan03("the stand-in trainer runs a 0.3 job config (model_spec) through the runner")
 def test_runner_launches_an_exportable_run_after_its_preflight(demo_run, tmp_path, caplog):
     import logging
 

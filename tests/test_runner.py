@@ -20,6 +20,7 @@ from molgen_export.mapping import run_config
 from molgen_export.runner import launch
 from molgen_export.errors import ConfigError
 from molgen_export.watch.journal import read_journal
+from tests.helpers.titan_version import requires_titan03
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -126,6 +127,7 @@ def test_training_command_defaults_to_torchrun_and_titan_02_toml_is_understood(t
 
 
 @pytest.mark.slow
+@requires_titan03("the stand-in trainer runs a 0.3 job config (model_spec) through the runner")
 def test_runner_writes_configs_exports_while_training_and_exits_with_training_code(demo_run, tmp_path, capsys):
     path = stand_in_run(demo_run, tmp_path, exit_code=3)
     code = launch.main(["--config", str(path), "-q"])
@@ -146,6 +148,7 @@ def test_runner_writes_configs_exports_while_training_and_exits_with_training_co
 
 
 @pytest.mark.slow
+@requires_titan03("the runner builds the demo config with 0.3's ConfigManager (--module/--config)")
 def test_demo_config_goes_through_torchtitan_config_function_and_verifies_each_export(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = launch.main(["--config", str(CONFIGS / "demo.yaml"), "-q", "torchtitan.overrides=[--training.steps,10]",
@@ -160,6 +163,7 @@ def test_demo_config_goes_through_torchtitan_config_function_and_verifies_each_e
 
 
 @pytest.mark.slow
+@requires_titan03("the stand-in trainer runs a 0.3 job config (model_spec) through the runner")
 def test_ctrl_c_stops_training_and_the_watcher_cleanly(demo_run, tmp_path, caplog):
     path = stand_in_run(demo_run, tmp_path, steps=400, extra=["--step-time", "0.05"])
     export_root = demo_run.workdir / "run2" / "checkpoint-hf"
@@ -220,6 +224,7 @@ def test_post_checkpoint_hook_exports_one_step_once(demo_run, capsys):
 
 
 @pytest.mark.slow
+@requires_titan03("integrations/titan_checkpoint.py subclasses 0.3's CheckpointManager and its Config")
 def test_titan_checkpoint_manager_hands_saves_to_a_watcher_process(demo_run):
     import torch
 
@@ -253,6 +258,7 @@ def test_titan_checkpoint_manager_hands_saves_to_a_watcher_process(demo_run):
     assert (demo_run.run_dir / "checkpoint-hf" / "step-30-hf" / export.REPORT_FILE).is_file()
 
 
+@requires_titan03("the stand-in trainer runs a 0.3 job config (model_spec) through the runner")
 def test_every_export_option_can_be_set_through_the_yaml_and_reaches_the_export(demo_run, tmp_path):
     """One options source: each ExportOptions / WatchOptions field is an `export:` key (issue 13)."""
     from molgen_export.options import ExportOptions

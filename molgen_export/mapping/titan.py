@@ -112,6 +112,10 @@ class Titan:
         """The model of a config on `device`, every parameter and buffer initialized the version's own way."""
         raise NotImplementedError
 
+    def meta_model(self, config) -> torch.nn.Module:
+        """The model of a config on the meta device (shapes and names only: what DCP will save)."""
+        raise NotImplementedError
+
     def is_moe(self, config) -> bool:
         raise NotImplementedError
 
@@ -202,6 +206,10 @@ class Titan03(Titan):
         with torch.no_grad():
             model.init_states(buffer_device=torch.device(device))
         return model
+
+    def meta_model(self, config):
+        with torch.device("meta"):
+            return config.build()
 
     def is_moe(self, config) -> bool:
         return any(getattr(layer, "moe", None) is not None for layer in config.layers)
@@ -377,6 +385,12 @@ class Titan021(Titan):
                 if isinstance(module, MoE):
                     module.forward = functools.partial(_with_integer_histc, module.forward)
         return model
+
+    def meta_model(self, config):
+        from torchtitan.models.qwen3 import Qwen3Model
+
+        with torch.device("meta"):
+            return Qwen3Model(config)
 
     def is_moe(self, config) -> bool:
         return bool(config.moe_enabled)

@@ -143,8 +143,9 @@ def run_preflight(job_config: Path, options: ExportOptions | None = None) -> Pre
     import torch
 
     try:
-        with torch.device("meta"):
-            model = ref.with_tie(tie).build()
+        from molgen_export.mapping import titan
+
+        model = titan.installed().meta_model(ref.with_tie(tie))
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         kept, _buffers = keymap.split_training_buffers(shapes)
         sources, _ = keymap.canonicalize_keys(kept, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads,
