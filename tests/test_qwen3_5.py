@@ -276,3 +276,37 @@ def test_dcp_step_exports_and_passes_the_gate_and_the_adapter_layout_is_refused(
     with pytest.raises(VerificationError, match=r"max\|Δ\| .* > .*top-1 agreement") as caught:
         qwen3_5_gate.require_passed(refused, tmp_path / "hf-adapter")
     assert "expert layout" in caught.value.hint
+
+
+@pytest.mark.parametrize("flavor", ["tiny-dense", "tiny-moe", "debugmodel", "debugmodel_moe", "35B-A3B"])
+def test_run_model_dict_rebuilds_the_config_field_for_field(flavor):
+    """The run's `model_spec.model` (TorchTitan's `to_dict()` through JSON) gives back the same config, so the
+    reference and the HF config are the run's own; a field the installed torchtitan lacks is refused by name."""
+    from molgen_export.verify import reference
+
+    config = (_tiny_config(flavor == "tiny-moe") if flavor.startswith("tiny")
+              else TITAN.qwen3_5_configs[flavor](attn_backend="flex"))
+    model = reference._render(config)
+    rebuilt = ref.config_from_run_model(model, "job_config.json")
+    differences: list[str] = []
+    reference._diff(model, reference._render(rebuilt), "", differences)
+    assert not differences
+    assert hf_text_config(rebuilt) == hf_text_config(config)
+    model["layers"][-1]["attention"]["mystery"] = 3
+    with pytest.raises(ConfigError, match=r"model_spec\.model\.layers\.\d+\.attention\.mystery"):
+        ref.config_from_run_model(model, "job_config.json")
+
+
+def test_hf_config_of_registry_flavors_and_family_detection():
+    dense = hf_text_config(TITAN.qwen3_5_configs["0.8B"](attn_backend="flex"))
+    assert (dense["model_type"], dense["hidden_size"], dense["num_hidden_layers"], dense["intermediate_size"]) == \
+        ("qwen3_5_text", 1024, 24, 3584)
+    assert dense["layer_types"] == (["linear_attention"] * 3 + ["full_attention"]) * 6
+    assert dense["rope_parameters"]["partial_rotary_factor"] == 0.25 and dense["linear_num_value_heads"] == 16
+    moe = hf_text_config(TITAN.qwen3_5_configs["35B-A3B"](attn_backend="flex"))
+    assert (moe["model_type"], moe["num_experts"], moe["num_experts_per_tok"], moe["moe_intermediate_size"],
+            moe["shared_expert_intermediate_size"], moe["linear_num_value_heads"]) == \
+        ("qwen3_5_moe_text", 256, 8, 512, 512, 32)
+    assert qmap.is_qwen3_5("qwen3_6", []) and not qmap.is_qwen3_5("qwen3", ["layers.0.attn.A_log"])
+    assert qmap.is_qwen3_5(None, ["model.layers.0._orig_mod.attn.in_proj_q.weight"])
+    assert not qmap.is_qwen3_5(None, ["layers.0.attention.qkv_linear.wq.weight", "tok_embeddings.weight"])

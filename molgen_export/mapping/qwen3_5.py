@@ -212,3 +212,20 @@ def to_hf_text(titan_sd: dict[str, torch.Tensor], *, text_only: bool = False
     """The HF text-model state dict of a TorchTitan qwen3_5 state dict, and the plan that accounts for every key."""
     plan = plan_hf_text({k: tuple(v.shape) for k, v in titan_sd.items()}, text_only=text_only)
     return {entry.hf_key: build_hf_tensor(entry, titan_sd) for entry in plan.tensors}, plan
+
+
+MODEL_NAMES = ("qwen3_5", "qwen3_6", "qwen3_8")
+"""TorchTitan registry names over the same `qwen3_5` code (`model_spec.name` / `model.name`)."""
+
+_FAMILY_KEY_RE = re.compile(r"^layers\.\d+\.attn\.(A_log|dt_bias|in_proj_[qkvzab]\.weight|conv_[qkv]\.weight|"
+                            r"wq\.weight|q_norm\.weight)$")
+"""Keys only a qwen3_5 model has: its mixers live under `attn.` (TorchTitan's Qwen3 says `attention.`)."""
+
+
+def is_qwen3_5(model_name: str | None, checkpoint_keys) -> bool:
+    """Whether a run is TorchTitan's qwen3_5 family: by its model name, else by its checkpoint's keys."""
+    from molgen_export.mapping.keymap import canonical_titan_key
+
+    if model_name is not None:
+        return model_name in MODEL_NAMES
+    return any(_FAMILY_KEY_RE.match(canonical_titan_key(key)[0]) for key in checkpoint_keys)

@@ -228,3 +228,76 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
             positions = torch.arange(row.shape[0], device=row.device)[None]
             rows.append(model(row[None], positions=positions, attention_masks=None, special_tokens=_TEXT_ONLY))
     return torch.cat(rows).float()
+
+
+def config_from_run_model(model: dict, source: str):
+    """The run's `Qwen35Model.Config` from its `model_spec.model` dict (torchtitan 0.3 `to_dict()`): a skeleton of
+    the same structure made with torchtitan's own qwen3_5 builders, the run's every field laid onto it, then rendered
+    back and diffed against the run's dict, so nothing the run set is dropped.
+
+    Raises:
+        ConfigError: a field the installed torchtitan's config cannot take, or that the skeleton renders otherwise.
+    """
+    import json
+
+    from molgen_export.errors import ConfigError
+    from molgen_export.verify import reference
+
+    try:
+        config = _skeleton(model)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ConfigError(f"the run's model config {source} is not a torchtitan qwen3_5 model: {exc!r}",
+                          hint="pass the run's own job config (model_spec.name qwen3_5)") from exc
+    problems: list[str] = []
+    reference._overlay(config, model, "", problems)
+    if not problems:
+        reference._diff(json.loads(json.dumps(model, default=repr)), reference._render(config), "", problems)
+    if problems:
+        raise ConfigError(f"the verifier's torchtitan qwen3_5 model cannot be built from the run config {source}: "
+                          + "; ".join(f"model_spec.model.{p}" for p in problems[:8]),
+                          hint="the run's model config does not fit this torchtitan version")
+    return config
+
+
+def _skeleton(model: dict):
+    """A `Qwen35Model.Config` with the run's layer structure (which layers are full attention, dense or MoE) and
+    the dims the builders need; every other field comes from the overlay."""
+    package = import_qwen3_5().package
+    from torchtitan.models.common import Embedding, Linear
+
+    layers, dim, n = model["layers"], model["dim"], len(model["layers"])
+    attention = next((layer["attention"] for layer in layers if layer.get("attention")), None)
+    delta = next((layer["delta_net"] for layer in layers if layer.get("delta_net")), None)
+    rope = {k: v for k, v in (attention or {}).get("rope", {}).items() if k not in ("param_init", "sharding_config")}
+    common = dict(
+        n_layers=n, dim=dim, attn_backend="flex",
+        rope=package.MRoPE.Config(**rope) if rope else package.MRoPE.Config(dim=2, max_seq_len=1, mrope_section=[1, 0, 0]),
+        n_heads=attention["n_heads"] if attention else 1, n_kv_heads=attention["n_kv_heads"] if attention else 1,
+        head_dim=attention["head_dim"] if attention else 2, rotary_dim=attention["rotary_dim"] if attention else 2,
+        n_key_heads=delta["in_proj_q"]["out_features"] // delta["key_head_dim"] if delta else 1,
+        n_value_heads=delta["in_proj_v"]["out_features"] // delta["value_head_dim"] if delta else 1,
+        key_head_dim=delta["key_head_dim"] if delta else 1, value_head_dim=delta["value_head_dim"] if delta else 1)
+    moe = layers[0].get("moe")
+    if moe:
+        def build(interval):
+            return package._build_qwen35_moe_layers(
+                moe_hidden_dim=moe["routed_experts"]["inner_experts"]["hidden_dim"], num_experts=moe["num_experts"],
+                top_k=moe["router"]["top_k"], shared_expert_hidden_dim=moe["shared_experts"]["w1"]["out_features"],
+                full_attention_interval=interval, **common)
+    else:
+        def build(interval):
+            return package._build_qwen35_layers(hidden_dim=layers[0]["feed_forward"]["w1"]["out_features"],
+                                                full_attention_interval=interval, **common)
+    full, linear = build(1), build(n + 1)
+    vision = model["vision_encoder"]
+    return package.Qwen35Model.Config(
+        vocab_size=model["vocab_size"], dim=dim, norm=package._offset_norm(dim),
+        tok_embeddings=Embedding.Config(num_embeddings=model["vocab_size"], embedding_dim=dim),
+        lm_head=Linear.Config(in_features=dim, out_features=model["vocab_size"]),
+        layers=[full[i] if layer.get("attention") else linear[i] for i, layer in enumerate(layers)],
+        vision_encoder=package._qwen35_vision_encoder_config(
+            dim=vision["dim"], ffn_dim=vision["block"]["mlp"]["fc1"]["out_features"], num_layers=vision["num_layers"],
+            num_heads=vision["num_heads"], patch_size=vision["patch_size"],
+            temporal_patch_size=vision["temporal_patch_size"], spatial_merge_size=vision["spatial_merge_size"],
+            out_hidden_size=vision["merger"]["fc2"]["out_features"],
+            num_position_embeddings=vision["num_position_embeddings"], in_channels=vision["in_channels"]))
