@@ -77,6 +77,16 @@ class WatcherHandle:
 
 
 try:
+    from molgen_export.mapping import titan as _titan
+
+    if _titan.installed().release < (0, 3, 0):
+        from molgen_export.errors import DependencyError
+
+        raise DependencyError(
+            f"ExportingCheckpointManager subclasses torchtitan 0.3's CheckpointManager (its Config); torchtitan "
+            f"{_titan.installed().version} is installed",
+            hint="under torchtitan 0.2.1 export beside training with `molgen-export watch <checkpoint folder>` "
+                 "(or the runner); the exporter itself supports 0.2.1")
     from torchtitan.components.checkpoint import CheckpointManager as _TitanCheckpointManager
 except Exception as exc:  # noqa: BLE001 - any torchtitan import problem leaves the module importable
     _TitanCheckpointManager = None
