@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ RELATIVE_TOLERANCE = 1e-4
 """max|logit difference| allowed, relative to max|logit| (both sides compute in float32)."""
 
 
-def _tiny_config(moe: bool):
+def _tiny_config(moe: bool, vocab: int = VOCAB):
     from torchtitan.models.common import Embedding, Linear
 
     rope = TITAN.MRoPE.Config(dim=8, max_seq_len=64, theta=10_000.0, mrope_section=[2, 1, 1])
@@ -44,9 +45,9 @@ def _tiny_config(moe: bool):
     else:
         layers = TITAN._build_qwen35_layers(hidden_dim=FFN, **common)
     return TITAN.Qwen35Model.Config(
-        vocab_size=VOCAB, dim=DIM, norm=TITAN._offset_norm(DIM),
-        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=TITAN._EMBEDDING_INIT),
-        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=TITAN._output_linear_init(DIM)),
+        vocab_size=vocab, dim=DIM, norm=TITAN._offset_norm(DIM),
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=DIM, param_init=TITAN._EMBEDDING_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=vocab, param_init=TITAN._output_linear_init(DIM)),
         layers=layers,
         vision_encoder=TITAN._qwen35_vision_encoder_config(dim=32, ffn_dim=32, num_layers=1, num_heads=2,
                                                            patch_size=2, temporal_patch_size=1, spatial_merge_size=1,
@@ -58,11 +59,12 @@ def _train_two_steps(config) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = ref.build_reference_model(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    tokens = torch.randint(0, VOCAB, (1, 17))
+    vocab = config.vocab_size
+    tokens = torch.randint(0, vocab, (1, 17))
     positions = torch.arange(16)[None]
     for _ in range(2):
         logits = model(tokens[:, :-1], positions=positions, attention_masks=None, special_tokens=ref._TEXT_ONLY)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -310,3 +312,53 @@ def test_hf_config_of_registry_flavors_and_family_detection():
     assert qmap.is_qwen3_5("qwen3_6", []) and not qmap.is_qwen3_5("qwen3", ["layers.0.attn.A_log"])
     assert qmap.is_qwen3_5(None, ["model.layers.0._orig_mod.attn.in_proj_q.weight"])
     assert not qmap.is_qwen3_5(None, ["layers.0.attention.qkv_linear.wq.weight", "tok_embeddings.weight"])
+
+
+def _qwen3_5_run(tmp_path, moe: bool):
+    """A qwen3_5 run folder: base assets with a tokenizer, `job_config.json` with the run's `model_spec`, and
+    `checkpoint/step-2` saved with DCP (model and a train state) after two training steps."""
+    import torch.distributed.checkpoint as dcp
+
+    from molgen_export.demo import make_tokenizer
+    from molgen_export.verify import reference
+
+    assets = tmp_path / "assets"
+    vocab = make_tokenizer(assets, vocab_size=300)
+    config = _tiny_config(moe, vocab=vocab)
+    state = _train_two_steps(config)
+    step_dir = tmp_path / "run" / "checkpoint" / "step-2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({**state, "train_state": {"step": 2}}, checkpoint_id=str(step_dir))
+    job = {"model_spec": {"name": "qwen3_5", "flavor": "tiny", "model": reference._render(config)},
+           "hf_assets_path": str(assets), "dump_folder": str(tmp_path / "run"),
+           "training": {"seq_len": 16, "dtype": "float32"}, "checkpoint": {"folder": "checkpoint"}}
+    job_config = tmp_path / "run" / "job_config.json"
+    job_config.write_text(json.dumps(job))
+    return step_dir, job_config, config
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_export_step_of_a_qwen3_5_run_is_verified_and_published(kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from molgen_export.options import ExportOptions
+    from molgen_export.pipeline.export import export_step
+
+    step_dir, job_config, config = _qwen3_5_run(tmp_path, kind == "moe")
+    options = ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32")
+    planned = export_step(step_dir, ExportOptions(**{**options.__dict__, "dry_run": True}))
+    assert planned.status == "planned" and not (tmp_path / "out").exists()
+    layer_types = next(f for f in planned.findings if f["name"] == "layer_types")
+    assert layer_types["detail"].startswith("L F L F")
+
+    report = export_step(step_dir, options)
+    assert report.status == "exported" and report.written
+    assert report.fidelity["passed"] and report.fidelity["top1_agreement"] == 1.0
+    assert report.fidelity["delta_rule_op"] == ref.DELTA_RULE_OP
+    assert any("vision-tower" in w for w in report.warnings)
+    hf_dir = Path(report.output_dir)
+    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
+    assert type(model).__name__ == ("Qwen3_5MoeForCausalLM" if kind == "moe" else "Qwen3_5ForCausalLM")
+    assert not any(info.values())
+    assert json.loads((hf_dir / "export_report.json").read_text())["status"] == "exported"

@@ -180,12 +180,30 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
     output_dir = output_dir_for(step_dir, options)
     report = ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir), versions=versions(),
                           options=options_record(options))
+    qwen3_5_run = _qwen3_5_run(step_dir, options)
+    if qwen3_5_run is not None:  # TorchTitan's qwen3_5 family: its own map, config and logit gate
+        from molgen_export.pipeline import qwen3_5_export
+
+        report.source_fingerprint = source_fingerprint(step_dir)
+        return qwen3_5_export.export_qwen3_5_step(step_dir, qwen3_5_run, options, report, output_dir, cancel=cancel)
 
     def plan_export(timer: Timer) -> ExportPlan:
         fingerprint = report.source_fingerprint = source_fingerprint(step_dir)  # counted in `total`, as planning is
         return plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint)
 
     return export_source(report, options, output_dir, plan_export, cancel=cancel, progress=progress)
+
+
+def _qwen3_5_run(step_dir: Path, options: ExportOptions) -> run_config.RunConfig | None:
+    """The run config when it names TorchTitan's qwen3_5 family, else None (also when it cannot be read: the
+    Qwen3 path then reports that as it always has)."""
+    from molgen_export.mapping import qwen3_5
+
+    try:
+        run = run_config.load_run_config(step_dir.parent, options.config)
+    except MolgenExportError:
+        return None
+    return run if run.model_name is not None and qwen3_5.is_qwen3_5(run.model_name, ()) else None
 
 
 def export_source(report: ExportReport, options: ExportOptions, output_dir: Path,

@@ -1,0 +1,198 @@
+"""The export of a TorchTitan `qwen3_5` run's DCP step (Qwen3.5 dense or MoE) to an HF text model: the same
+stages as the Qwen3 export (run config -> metadata -> map -> check -> write -> verify what is on disk -> publish),
+with Qwen3.5's own map (`mapping/qwen3_5.py`), config (`mapping/qwen3_5_config.py`) and logit gate
+(`verify/qwen3_5_gate.py`, torchtitan's modules with the pure-torch delta rule on CPU).
+
+Text-only: the vision tower's tensors are left out and each is named in the report (`set_aside` finding); the
+whole stream is held in memory (Qwen3.5 fuses several TorchTitan tensors into one HF tensor), which suits the
+sizes this branch is tested on; the streaming writer and the layer-wise gate of the Qwen3 path are not used yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from molgen_export.cancel import CancelToken, check_cancel
+from molgen_export.dcp import read
+from molgen_export.errors import ConfigError, MappingError
+from molgen_export.hf import config_files, publish, safetensors_writer
+from molgen_export.mapping import qwen3_5 as qmap
+from molgen_export.mapping.keymap import canonical_titan_key
+from molgen_export.mapping.qwen3_5_config import hf_text_config
+from molgen_export.options import ExportOptions
+from molgen_export.pipeline.plan import DTYPES
+from molgen_export.pipeline.report import REPORT_FILE, ExportReport
+from molgen_export.pipeline.timing import Timer
+from molgen_export.verify import checks, logit_gate, qwen3_5_gate, qwen3_5_reference
+
+logger = logging.getLogger(__name__)
+
+MOE_TOLERANCE_FACTOR = 2
+"""As for Qwen3 MoE: expert sums in another order and near-tied routing loosen the limit this many times."""
+
+
+def titan_config_of_run(run):
+    """The run's `Qwen35Model.Config`: its own `model_spec.model`, else its flavor from the installed registry.
+
+    Raises:
+        ConfigError: neither is there, or the run's model config does not fit the installed torchtitan.
+    """
+    if run.titan_model:
+        return qwen3_5_reference.config_from_run_model(run.titan_model, f"{run.source.name} (model_spec.model)")
+    registry = qwen3_5_reference.import_qwen3_5().package.qwen3_5_configs
+    if run.flavor in registry:
+        return registry[run.flavor](attn_backend="flex")
+    raise ConfigError(f"the run config {run.source} carries no model config and names flavor {run.flavor!r}, which "
+                      "the installed torchtitan's qwen3_5 registry does not have", path=run.source,
+                      hint="pass the run's job_config.json (TorchTitan 0.3 writes model_spec.model) with --config")
+
+
+def _expected_hf_shapes(hf_fields: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor (and its shape) of the HF model `hf_fields` describes, from transformers itself (on meta)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in hf_fields.items() if k not in ("model_type", "architectures", "dtype")}
+    config = AutoConfig.for_model(hf_fields["model_type"], **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: ExportReport, output_dir: Path, *,
+                        cancel: CancelToken | None = None) -> ExportReport:
+    """Export one qwen3_5 DCP step; the report says `planned` (dry run) or `exported`.
+
+    Raises:
+        ConfigError: no base assets, a setting HF Qwen3.5 cannot express, a dtype that is not an export dtype.
+        MappingError: a checkpoint key the map does not know (every one named).
+        VerificationError: a failed check or logit gate; nothing is published.
+    """
+    timer = Timer(report.timings)
+    started = time.perf_counter()
+    with timer.stage("config"):
+        assets = options.hf_assets or run.hf_assets_path
+        if assets is None or not Path(assets).is_dir():
+            raise ConfigError(f"the base assets folder {assets} of the run {run.source} is missing", path=run.source,
+                              hint="pass the folder holding the Qwen3.5 tokenizer with --hf-assets")
+        titan_config = titan_config_of_run(run)
+        hf_fields = hf_text_config(titan_config)
+        tokenizer_size = config_files.tokenizer_size(assets)
+        report.run_config = {"path": str(run.source), "kind": run.kind, "flavor": run.flavor,
+                             "model_name": run.model_name}
+        report.hf_assets = str(assets)
+        report.hf_assets_overridden = options.hf_assets is not None
+    with timer.stage("metadata"):
+        meta = read.read_step_metadata(step_dir)
+        meta.check_files()
+    with timer.stage("map"):
+        canonical: dict[str, str] = {}
+        for checkpoint_key in meta.model:
+            titan_key, _ = canonical_titan_key(checkpoint_key)
+            if titan_key in canonical:
+                raise MappingError(f"checkpoint keys `{canonical[titan_key]}` and `{checkpoint_key}` both name "
+                                   f"`{titan_key}`", hint="the checkpoint mixes two models; re-save it")
+            canonical[titan_key] = checkpoint_key
+        plan = qmap.plan_hf_text({k: tuple(meta.model[c].shape) for k, c in canonical.items()}, text_only=True)
+        expected = _expected_hf_shapes(hf_fields)
+    dtype_name = options.dtype or run.compute_dtype
+    if dtype_name not in DTYPES:
+        raise ConfigError(f"the run's dtype {dtype_name!r} is not an export dtype", hint="pass --dtype bfloat16")
+    export_dtype = DTYPES[dtype_name]
+    vision = sorted(k for k, why in plan.set_aside.items() if why.startswith("vision"))
+    report.architecture = {"family": "qwen3_5", **{k: v for k, v in hf_fields.items() if k != "architectures"}}
+    report.reference = {"source": f"{run.source.name}", "delta_rule_op": qwen3_5_reference.DELTA_RULE_OP}
+    report.export_dtype = dtype_name
+    report.checkpoint_dtype = ",".join(sorted({str(e.dtype).removeprefix("torch.") for e in meta.model.values()}))
+    report.tensors, report.model_bytes, report.other_bytes = len(meta.model), meta.model_bytes, meta.other_bytes
+    report.hf_tensors = len(plan.tensors)
+    if vision:
+        report.warnings.append(f"text-only export ({hf_fields['architectures'][0]}): the {len(vision)} vision-tower "
+                               "tensors are left out (named in the `set_aside` finding)")
+    shapes = {t.hf_key: t.shape for t in plan.tensors}
+    wrong = sorted(k for k in shapes if k in expected and shapes[k] != expected[k])
+    findings = [
+        checks.check_key_coverage(set(shapes), set(expected)),
+        checks.Finding("shapes", not wrong, "every tensor has the shape the run's config gives HF" if not wrong else
+                       "; ".join(f"`{k}` {list(shapes[k])}, the config gives {list(expected[k])}" for k in wrong[:6])),
+        checks.check_vocab_padding(hf_fields["vocab_size"], tokenizer_size),
+        checks.Finding("layer_types", True, " ".join("F" if t == "full_attention" else "L"
+                                                     for t in hf_fields["layer_types"])
+                       + " (L: Gated DeltaNet, F: gated full attention)"),
+        checks.Finding("set_aside", True, "; ".join(f"{k}: {why}" for k, why in sorted(plan.set_aside.items()))
+                       or "nothing"),
+    ]
+    report.findings = [f.to_json() for f in findings]
+    if options.dry_run:
+        report.status = "planned"
+        report.timings["total"] = round(time.perf_counter() - started, 4)
+        return report
+    checks.raise_on_failures(findings, meta.label)
+
+    with publish.folder_lock(output_dir):
+        check_cancel(cancel, "start")
+        with publish.staged_folder(output_dir, publishing=lambda: timer.stage("publish")) as temp_dir:
+            with timer.stage("stream"):
+                titan_sd = {k: meta.read(canonical[k]) for k in canonical if not k.startswith("vision_encoder.")}
+                biases = {k: titan_sd[k] for k in plan.set_aside if k.endswith("expert_bias_E")}
+                if biases:
+                    finding = checks.check_expert_bias(biases, options.allow_expert_bias_drop)
+                    findings.append(finding)
+                    if finding.warning:
+                        report.warnings.append(finding.detail)
+                rounded = {k: v.to(export_dtype) for k, v in titan_sd.items()}
+                hf_sd = {t.hf_key: qmap.build_hf_tensor(t, rounded) for t in plan.tensors}
+                bad = [(",".join(t.titan_keys), t.hf_key, *checks.count_nonfinite(hf_sd[t.hf_key]))
+                       for t in plan.tensors if checks.any_nonfinite(hf_sd[t.hf_key])]
+                findings.append(checks.nonfinite_finding(bad, len(plan.tensors)))
+                checks.raise_on_failures(findings, meta.label)
+                planned = [safetensors_writer.PlannedTensor(k, tuple(v.shape), v.dtype) for k, v in hf_sd.items()]
+                writer = safetensors_writer.SafetensorsWriter(
+                    temp_dir, safetensors_writer.plan_shards(planned, options.max_shard_bytes))
+                try:
+                    for key, tensor in hf_sd.items():
+                        writer.write(key, tensor)
+                    files = writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+            with timer.stage("assets"):
+                hf_config = {**hf_fields, "dtype": dtype_name}
+                generation = config_files.build_generation_config(Path(assets), hf_config)
+                publish.write_json(temp_dir / "config.json", hf_config)
+                publish.write_json(temp_dir / "generation_config.json", generation)
+                files += ["config.json", "generation_config.json"]
+                files += publish.copy_files(config_files.tokenizer_files(Path(assets)), temp_dir)
+            with timer.stage("verify_files"):
+                findings.append(logit_gate.check_written_tensors(temp_dir, {t.hf_key: t for t in planned}))
+                checks.raise_on_failures(findings, meta.label)
+            if options.skip_logits:
+                findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
+            else:
+                check_cancel(cancel, "logit gate")
+                with timer.stage("verify_logits"):
+                    tolerance = options.logits_atol * (MOE_TOLERANCE_FACTOR if "num_experts" in hf_fields else 1)
+                    limit = min(tokenizer_size or hf_fields["vocab_size"], hf_fields["vocab_size"])
+                    fidelity = qwen3_5_gate.verify_qwen3_5_logits(
+                        titan_config, {k: v.float() for k, v in rounded.items()}, temp_dir, vocab_limit=limit,
+                        tolerance=tolerance, device=options.device)
+                r = fidelity.result
+                report.fidelity = fidelity.to_json()
+                findings.append(checks.Finding(
+                    "logits", r.passed, f"max|Δ| {r.max_abs_diff:.3g} (limit {r.tolerance:.3g}), top-1 agreement "
+                                        f"{r.top1_agreement:.4f} over {r.tokens} tokens; torchtitan's qwen3_5 modules "
+                                        f"with the delta rule of {fidelity.delta_rule_op}"))
+            report.findings = [f.to_json() for f in findings]
+            checks.raise_on_failures(findings, meta.label)
+            report.output_bytes = sum((temp_dir / name).stat().st_size for name in files)
+            report.files = files + [REPORT_FILE]
+            report.timings["total"] = round(time.perf_counter() - started, 4)
+            report.status = "exported"
+            report.written = True
+            publish.write_json(temp_dir / REPORT_FILE, report.to_json())
+            check_cancel(cancel, "publish")
+    logger.info("%s exported (qwen3_5, text-only) to %s in %.2f s", meta.label, output_dir, report.timings["total"])
+    return report
