@@ -362,3 +362,14 @@ def test_export_step_of_a_qwen3_5_run_is_verified_and_published(kind, tmp_path):
     assert type(model).__name__ == ("Qwen3_5MoeForCausalLM" if kind == "moe" else "Qwen3_5ForCausalLM")
     assert not any(info.values())
     assert json.loads((hf_dir / "export_report.json").read_text())["status"] == "exported"
+
+
+def test_cli_dcp_path_exports_a_qwen3_5_step(tmp_path, capsys):
+    from molgen_export.cli import main
+
+    step_dir, job_config, _ = _qwen3_5_run(tmp_path, moe=True)
+    code = main(["--dcp-path", str(step_dir), "--config", str(job_config), "--output", str(tmp_path / "out"),
+                 "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "step-2" in out and (tmp_path / "out" / "step-2-hf" / "config.json").is_file()
