@@ -362,6 +362,9 @@ def test_export_step_of_a_qwen3_5_run_is_verified_and_published(kind, tmp_path):
     assert type(model).__name__ == ("Qwen3_5MoeForCausalLM" if kind == "moe" else "Qwen3_5ForCausalLM")
     assert not any(info.values())
     assert json.loads((hf_dir / "export_report.json").read_text())["status"] == "exported"
+    assert export_step(step_dir, options).status == "skipped"  # same source, options and assets
+    forced = export_step(step_dir, ExportOptions(**{**options.__dict__, "force": True}))
+    assert forced.status == "exported" and forced.replaced == ["--force"]
 
 
 def test_cli_dcp_path_exports_a_qwen3_5_step(tmp_path, capsys):

@@ -185,7 +185,8 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
         from molgen_export.pipeline import qwen3_5_export
 
         report.source_fingerprint = source_fingerprint(step_dir)
-        return qwen3_5_export.export_qwen3_5_step(step_dir, qwen3_5_run, options, report, output_dir, cancel=cancel)
+        return qwen3_5_export.export_qwen3_5_step(step_dir, qwen3_5_run, options, report, output_dir, cancel=cancel,
+                                                  check_existing=check_existing)
 
     def plan_export(timer: Timer) -> ExportPlan:
         fingerprint = report.source_fingerprint = source_fingerprint(step_dir)  # counted in `total`, as planning is

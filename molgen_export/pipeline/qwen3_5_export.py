@@ -5,13 +5,16 @@ with Qwen3.5's own map (`mapping/qwen3_5.py`), config (`mapping/qwen3_5_config.p
 
 Text-only: the vision tower's tensors are left out and each is named in the report (`set_aside` finding); the
 whole stream is held in memory (Qwen3.5 fuses several TorchTitan tensors into one HF tensor), which suits the
-sizes this branch is tested on; the streaming writer and the layer-wise gate of the Qwen3 path are not used yet.
+sizes this branch is tested on; the streaming writer, the layer-wise gate and the mapping probe of the Qwen3 path
+are not used yet.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,9 +65,24 @@ def _expected_hf_shapes(hf_fields: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+@dataclass(frozen=True)
+class SkipKey:
+    """What the skip check (`export.check_existing`) reads of a plan."""
+
+    meta: read.StepMetadata
+    source_fingerprint: str
+    export_dtype_name: str
+    assets: Path
+
+
 def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: ExportReport, output_dir: Path, *,
-                        cancel: CancelToken | None = None) -> ExportReport:
-    """Export one qwen3_5 DCP step; the report says `planned` (dry run) or `exported`.
+                        cancel: CancelToken | None = None,
+                        check_existing: Callable[[SkipKey, ExportOptions, Path], object] | None = None) -> ExportReport:
+    """Export one qwen3_5 DCP step; the report says `planned` (dry run), `skipped` or `exported`.
+
+    Args:
+        check_existing: the pipeline's skip check (`export.check_existing`), called under the folder lock: an
+            export already published from the same source, options and assets is kept (`skipped`).
 
     Raises:
         ConfigError: no base assets, a setting HF Qwen3.5 cannot express, a dtype that is not an export dtype.
@@ -133,6 +151,15 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
     checks.raise_on_failures(findings, meta.label)
 
     with publish.folder_lock(output_dir):
+        if check_existing is not None:
+            existing = check_existing(SkipKey(meta, report.source_fingerprint, dtype_name, Path(assets)), options,
+                                      output_dir)
+            report.output_inputs = existing.inputs
+            if existing.skip:
+                report.status = "skipped"
+                report.timings["total"] = round(time.perf_counter() - started, 4)
+                return report
+            report.replaced = existing.replaced
         check_cancel(cancel, "start")
         with publish.staged_folder(output_dir, publishing=lambda: timer.stage("publish")) as temp_dir:
             with timer.stage("stream"):
