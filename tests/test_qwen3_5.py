@@ -314,7 +314,7 @@ def test_hf_config_of_registry_flavors_and_family_detection():
     assert not qmap.is_qwen3_5(None, ["layers.0.attention.qkv_linear.wq.weight", "tok_embeddings.weight"])
 
 
-def _qwen3_5_run(tmp_path, moe: bool):
+def _qwen3_5_run(tmp_path, moe: bool, *, expert_bias: float = 0.0):
     """A qwen3_5 run folder: base assets with a tokenizer, `job_config.json` with the run's `model_spec`, and
     `checkpoint/step-2` saved with DCP (model and a train state) after two training steps."""
     import torch.distributed.checkpoint as dcp
@@ -326,6 +326,12 @@ def _qwen3_5_run(tmp_path, moe: bool):
     vocab = make_tokenizer(assets, vocab_size=300)
     config = _tiny_config(moe, vocab=vocab)
     state = _train_two_steps(config)
+    for key in state:
+        if key.endswith("expert_bias_E"):
+            state[key] = torch.full_like(state[key], expert_bias)
+    # a multimodal base config.json, as Qwen's Qwen3.5 folders have it: text fields under text_config
+    (assets / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": {
+        "eos_token_id": 0, "bos_token_id": 0, "hidden_size": 4096, "num_hidden_layers": 4}}))
     step_dir = tmp_path / "run" / "checkpoint" / "step-2"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -357,7 +363,9 @@ def test_export_step_of_a_qwen3_5_run_is_verified_and_published(kind, tmp_path):
     assert report.fidelity["passed"] and report.fidelity["top1_agreement"] == 1.0
     assert report.fidelity["delta_rule_op"] == ref.DELTA_RULE_OP
     assert any("vision-tower" in w for w in report.warnings)
+    assert any("hidden_size: base 4096, run 64" in w for w in report.warnings)
     hf_dir = Path(report.output_dir)
+    assert json.loads((hf_dir / "config.json").read_text())["eos_token_id"] == 0  # the base assets' token ids
     model, info = AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
     assert type(model).__name__ == ("Qwen3_5MoeForCausalLM" if kind == "moe" else "Qwen3_5ForCausalLM")
     assert not any(info.values())
@@ -376,3 +384,14 @@ def test_cli_dcp_path_exports_a_qwen3_5_step(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "step-2" in out and (tmp_path / "out" / "step-2-hf" / "config.json").is_file()
+
+
+def test_a_non_zero_expert_bias_is_refused_by_name(tmp_path):
+    from molgen_export.errors import VerificationError
+    from molgen_export.options import ExportOptions
+    from molgen_export.pipeline.export import export_step
+
+    step_dir, job_config, _ = _qwen3_5_run(tmp_path, moe=True, expert_bias=0.5)
+    with pytest.raises(VerificationError, match=r"expert_bias"):
+        export_step(step_dir, ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32"))
+    assert not (tmp_path / "out" / "step-2-hf").exists()

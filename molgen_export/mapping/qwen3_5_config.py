@@ -132,3 +132,33 @@ def hf_text_config(titan_config, *, tie_word_embeddings: bool = False) -> dict[s
                           + "; ".join(problems[:10]) + " (paths under the run's model_spec.model)",
                           hint="such a run cannot be exported as HF Qwen3.5 without changing what it computes")
     return config
+
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+"""Taken from the base assets' config (the tokenizer's ids); the run's config does not know them."""
+
+
+def with_base_config(hf_fields: dict[str, Any], base: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """The export's `config.json`: the run's fields, the token ids of the base assets' config (a multimodal
+    Qwen3.5 `config.json` keeps them, and the text fields, under `text_config`), and a warning for every model
+    field where the base says otherwise than the run (the run's is written: it is what was trained).
+
+    Returns:
+        The config, and the warnings.
+    """
+    if not base:
+        return dict(hf_fields), []
+    text = base.get("text_config") if isinstance(base.get("text_config"), dict) else base
+    config = dict(hf_fields)
+    for name in TOKEN_ID_FIELDS:
+        value = text.get(name, base.get(name))
+        if value is not None:
+            config[name] = value
+    differ = [f"{name}: base {text[name]!r}, run {hf_fields[name]!r}" for name in sorted(hf_fields)
+              if name not in ("architectures", "model_type", "tie_word_embeddings") and name in text
+              and text[name] != hf_fields[name]]
+    if differ:
+        return config, [f"the base assets' config.json describes another model than the run trained ("
+                        + "; ".join(differ[:6]) + (" ..." if len(differ) > 6 else "") + "): the run's values are "
+                        "written"]
+    return config, []

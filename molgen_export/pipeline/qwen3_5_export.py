@@ -11,6 +11,7 @@ are not used yet.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from molgen_export.errors import ConfigError, MappingError
 from molgen_export.hf import config_files, publish, safetensors_writer
 from molgen_export.mapping import qwen3_5 as qmap
 from molgen_export.mapping.keymap import canonical_titan_key
-from molgen_export.mapping.qwen3_5_config import hf_text_config
+from molgen_export.mapping.qwen3_5_config import hf_text_config, with_base_config
 from molgen_export.options import ExportOptions
 from molgen_export.pipeline.plan import DTYPES
 from molgen_export.pipeline.report import REPORT_FILE, ExportReport
@@ -99,6 +100,13 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
         titan_config = titan_config_of_run(run)
         hf_fields = hf_text_config(titan_config)
         tokenizer_size = config_files.tokenizer_size(assets)
+        base_path = Path(assets) / "config.json"
+        try:
+            base = json.loads(base_path.read_text()) if base_path.is_file() else None
+        except ValueError as exc:
+            raise ConfigError(f"{base_path} is not valid JSON: {exc}", path=base_path) from exc
+        hf_fields, base_warnings = with_base_config(hf_fields, base)
+        report.warnings.extend(base_warnings)
         report.run_config = {"path": str(run.source), "kind": run.kind, "flavor": run.flavor,
                              "model_name": run.model_name}
         report.hf_assets = str(assets)
