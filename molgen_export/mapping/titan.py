@@ -15,7 +15,6 @@ import importlib
 import importlib.metadata
 import logging
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -333,15 +332,14 @@ class Titan021(Titan):
             moe_inter_dim=moe.moe_hidden_dim if moe is not None else Qwen3ModelArgs.moe_inter_dim, moe_args=moe_args)
 
     def flavor_config(self, model_name, flavor, *, custom_import=None, launch_dir=None):
-        """0.2.1 flavors live in `qwen3_args`; a custom one is registered by the run's `experimental.custom_import`
-        module, which 0.2.1's train.py imports from the launch directory: imported the same way when the
-        flavor is not registered yet (failures leave the flavor unknown)."""
+        """0.2.1 flavors live in `qwen3_args`. A custom one, registered by the run's `experimental.custom_import`
+        module, stays unknown here: that module is the run's code, and the exporter never runs code that comes
+        with a checkpoint (the architecture is then read off the shapes, and the report's `reference.source`
+        says so)."""
         if not flavor or model_name not in (None, "qwen3", "qwen3_moe"):
             return None
         from torchtitan.models.qwen3 import qwen3_args
 
-        if flavor not in qwen3_args and custom_import:
-            _import_run_module(custom_import, launch_dir)
         args = qwen3_args.get(flavor)
         return copy.deepcopy(args) if args is not None else None
 
@@ -453,19 +451,3 @@ def _with_integer_histc(forward, *args, **kwargs):
         return forward(*args, **kwargs)
     finally:
         torch.histc = original
-
-
-def _import_run_module(name: str, launch_dir: Path | None) -> None:
-    """Import the run's `custom_import` module as 0.2.1's train.py does, with the launch directory first on the
-    path; a module that does not import is logged and skipped."""
-    added = launch_dir is not None and str(launch_dir) not in sys.path
-    if added:
-        sys.path.insert(0, str(launch_dir))
-    try:
-        importlib.import_module(name)
-    except Exception as exc:  # the run's own code: whatever it raises, the flavor just stays unknown
-        logger.warning("the run's custom_import %r does not import here (%s: %s); its flavor stays unknown",
-                       name, type(exc).__name__, exc)
-    finally:
-        if added:
-            sys.path.remove(str(launch_dir))
