@@ -202,7 +202,7 @@ def _qwen3_5_run(step_dir: Path, options: ExportOptions) -> run_config.RunConfig
 
     try:
         run = run_config.load_run_config(step_dir.parent, options.config)
-    except MolgenExportError:
+    except (MolgenExportError, OSError, ValueError):
         return None
     return run if run.model_name is not None and qwen3_5.is_qwen3_5(run.model_name, ()) else None
 
