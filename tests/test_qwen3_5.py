@@ -395,3 +395,13 @@ def test_a_non_zero_expert_bias_is_refused_by_name(tmp_path):
     with pytest.raises(VerificationError, match=r"expert_bias"):
         export_step(step_dir, ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32"))
     assert not (tmp_path / "out" / "step-2-hf").exists()
+
+
+def test_distributed_export_of_a_qwen3_5_run_is_refused_with_the_fix(tmp_path):
+    from molgen_export.options import ExportOptions
+    from molgen_export.pipeline.distributed import export_step_distributed
+
+    step_dir, job_config, _ = _qwen3_5_run(tmp_path, moe=False)
+    with pytest.raises(ConfigError, match="qwen3_5 run") as caught:
+        export_step_distributed(step_dir, ExportOptions(config=job_config, output=tmp_path / "out"))
+    assert "without --distributed" in caught.value.hint

@@ -26,7 +26,7 @@ from molgen_export.pipeline.report import ExportReport
 from molgen_export.pipeline.timing import Timer
 from molgen_export.hf import safetensors_writer
 from molgen_export.options import ExportOptions
-from molgen_export.errors import MolgenExportError
+from molgen_export.errors import ConfigError, MolgenExportError
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,11 @@ def export_step_distributed(step_dir: Path, options: ExportOptions) -> ExportRep
 
     Raises:
         MolgenExportError: on every rank when any rank failed; nothing is published.
+        ConfigError: on every rank, for a TorchTitan qwen3_5 run (its distributed export is not built yet).
     """
+    if export.qwen3_5_run_config(Path(step_dir), options) is not None:
+        raise ConfigError(f"{Path(step_dir).name} is a TorchTitan qwen3_5 run: molgen_export has no distributed "
+                          "export for it yet", hint="export it in one process (without --distributed)")
     dist = _dist()
     rank, world = dist.get_rank(), dist.get_world_size()
     step_dir = Path(step_dir)

@@ -180,7 +180,7 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
     output_dir = output_dir_for(step_dir, options)
     report = ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir), versions=versions(),
                           options=options_record(options))
-    qwen3_5_run = _qwen3_5_run(step_dir, options)
+    qwen3_5_run = qwen3_5_run_config(step_dir, options)
     if qwen3_5_run is not None:  # TorchTitan's qwen3_5 family: its own map, config and logit gate
         from molgen_export.pipeline import qwen3_5_export
 
@@ -195,7 +195,7 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
     return export_source(report, options, output_dir, plan_export, cancel=cancel, progress=progress)
 
 
-def _qwen3_5_run(step_dir: Path, options: ExportOptions) -> run_config.RunConfig | None:
+def qwen3_5_run_config(step_dir: Path, options: ExportOptions) -> run_config.RunConfig | None:
     """The run config when it names TorchTitan's qwen3_5 family, else None (also when it cannot be read: the
     Qwen3 path then reports that as it always has)."""
     from molgen_export.mapping import qwen3_5
