@@ -6,6 +6,7 @@ layout pinned and refused; a DCP save read back through `molgen_export.dcp.read`
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -71,10 +72,16 @@ def _train_two_steps(config) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module", params=["dense", "moe"])
+@functools.lru_cache(maxsize=None)
+def _trained(kind: str):
+    config = _tiny_config(kind == "moe")
+    return kind, config, _train_two_steps(config)
+
+
+@pytest.fixture(params=["dense", "moe"])
 def run(request):
-    config = _tiny_config(request.param == "moe")
-    return request.param, config, _train_two_steps(config)
+    kind, config, state = _trained(request.param)
+    return kind, config, dict(state)
 
 
 def _hf_config(config):
@@ -144,13 +151,11 @@ def test_exported_folder_loads_with_automodel_and_matches_torchtitan_logits(run,
     assert top1 == 1.0, f"{kind}: top-1 agreement {top1}"
 
 
-def test_adapter_030_expert_layout_is_wrong_and_refused(run):
+def test_adapter_030_expert_layout_is_wrong_and_refused():
     """torchtitan 0.3.0's `Qwen35StateDictAdapter.to_hf` writes gate_up_proj [E, D, 2F] and down_proj [E, F, D];
     HF wants [E, 2F, D] and [E, D, F]. Its full output is refused at load; its gate_up_proj, which here has HF's
     shape, loads and fails the logit comparison. Every other tensor it writes agrees with ours."""
-    kind, config, state = run
-    if kind != "moe":
-        pytest.skip("the expert layout is MoE only")
+    _, config, state = _trained("moe")
     adapter_sd = TITAN.Qwen35StateDictAdapter(config, None).to_hf(dict(state))
     text = {("model." + k[len(qmap.ADAPTER_TEXT_PREFIX):] if k.startswith(qmap.ADAPTER_TEXT_PREFIX) else k): v
             for k, v in adapter_sd.items() if not k.startswith("model.visual.")}

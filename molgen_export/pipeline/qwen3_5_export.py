@@ -22,7 +22,7 @@ import torch
 
 from molgen_export.cancel import CancelToken, check_cancel
 from molgen_export.dcp import read
-from molgen_export.errors import ConfigError, MappingError
+from molgen_export.errors import ConfigError, DependencyError, MappingError
 from molgen_export.hf import config_files, publish, safetensors_writer
 from molgen_export.mapping import qwen3_5 as qmap
 from molgen_export.mapping.keymap import canonical_titan_key
@@ -44,10 +44,16 @@ def titan_config_of_run(run):
 
     Raises:
         ConfigError: neither is there, or the run's model config does not fit the installed torchtitan.
+        DependencyError: the installed torchtitan has no qwen3_5.
     """
+    try:
+        package = qwen3_5_reference.import_qwen3_5().package
+    except ImportError as exc:
+        raise DependencyError(f"the run {run.source} is a TorchTitan qwen3_5 run, and this torchtitan cannot build "
+                              f"its model: {exc}", hint="install torchtitan 0.3 (it has models.qwen3_5)") from exc
     if run.titan_model:
         return qwen3_5_reference.config_from_run_model(run.titan_model, f"{run.source.name} (model_spec.model)")
-    registry = qwen3_5_reference.import_qwen3_5().package.qwen3_5_configs
+    registry = package.qwen3_5_configs
     if run.flavor in registry:
         return registry[run.flavor](attn_backend="flex")
     raise ConfigError(f"the run config {run.source} carries no model config and names flavor {run.flavor!r}, which "
