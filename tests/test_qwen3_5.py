@@ -385,10 +385,11 @@ def test_cli_dcp_path_exports_a_qwen3_5_step(tmp_path, capsys):
 
     step_dir, job_config, _ = _qwen3_5_run(tmp_path, moe=True)
     code = main(["--dcp-path", str(step_dir), "--config", str(job_config), "--output", str(tmp_path / "out"),
-                 "--dtype", "float32"])
+                 "--dtype", "bfloat16"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "step-2" in out and (tmp_path / "out" / "step-2-hf" / "config.json").is_file()
+    assert "step-2" in out and "bf16" in out
+    assert json.loads((tmp_path / "out" / "step-2-hf" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_a_non_zero_expert_bias_is_refused_by_name(tmp_path):
