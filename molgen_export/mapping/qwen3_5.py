@@ -76,8 +76,8 @@ FUSIONS: tuple[tuple[str, tuple[str, ...], int, str], ...] = (
 
 # (TorchTitan pattern, reason): tensors that are not exported, each named in the plan with its reason.
 SET_ASIDE: tuple[tuple[str, str], ...] = (
-    (r"layers\.\d+\.moe\.expert_bias_E", "MoE load-balancing bias (training only; HF routes without one, so it must "
-                                         "be zero for the export to compute what the run computes: check it)"),
+    (r"layers\.\d+\.moe\.expert_bias_E", "MoE load-balancing bias (HF routes without one: it must be zero, checked "
+                                         "on the data)"),
     (r"layers\.\d+\.moe\.tokens_per_expert(_E)?", "MoE token counts (training statistics)"),
 )
 

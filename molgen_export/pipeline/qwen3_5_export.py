@@ -82,6 +82,14 @@ class SkipKey:
     assets: Path
 
 
+def _set_aside_detail(set_aside: dict[str, str]) -> str:
+    """Every checkpoint key not exported, grouped by its reason."""
+    by_reason: dict[str, list[str]] = {}
+    for key, why in sorted(set_aside.items()):
+        by_reason.setdefault(why, []).append(key)
+    return "; ".join(f"{len(keys)} {why}: {', '.join(keys)}" for why, keys in by_reason.items()) or "nothing"
+
+
 def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: ExportReport, output_dir: Path, *,
                         cancel: CancelToken | None = None,
                         check_existing: Callable[[SkipKey, ExportOptions, Path], object] | None = None) -> ExportReport:
@@ -154,8 +162,7 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
         checks.Finding("layer_types", True, " ".join("F" if t == "full_attention" else "L"
                                                      for t in hf_fields["layer_types"])
                        + " (L: Gated DeltaNet, F: gated full attention)"),
-        checks.Finding("set_aside", True, "; ".join(f"{k}: {why}" for k, why in sorted(plan.set_aside.items()))
-                       or "nothing"),
+        checks.Finding("set_aside", True, _set_aside_detail(plan.set_aside)),
     ]
     report.findings = [f.to_json() for f in findings]
     if options.dry_run:
