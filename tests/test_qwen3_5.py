@@ -412,3 +412,16 @@ def test_distributed_export_of_a_qwen3_5_run_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="qwen3_5 run") as caught:
         export_step_distributed(step_dir, ExportOptions(config=job_config, output=tmp_path / "out"))
     assert "without --distributed" in caught.value.hint
+
+
+@pytest.mark.parametrize("flavor", ["0.8B", "27B", "35B-A3B", "397B-A17B"])
+def test_registry_flavors_map_onto_the_hf_model_their_config_gives(flavor):
+    """At real sizes (on the meta device): every TorchTitan tensor of the flavor lands on an HF tensor of the
+    shape transformers gives the exported config, and nothing of the HF model is left unfilled."""
+    from molgen_export.pipeline.qwen3_5_export import _expected_hf_shapes
+
+    config = TITAN.qwen3_5_configs[flavor](attn_backend="flex")
+    with torch.device("meta"):
+        titan_shapes = {k: tuple(v.shape) for k, v in config.build().state_dict().items()}
+    plan = qmap.plan_hf_text(titan_shapes, text_only=True)
+    assert {t.hf_key: t.shape for t in plan.tensors} == _expected_hf_shapes(hf_text_config(config))
