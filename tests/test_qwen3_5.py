@@ -425,3 +425,21 @@ def test_registry_flavors_map_onto_the_hf_model_their_config_gives(flavor):
         titan_shapes = {k: tuple(v.shape) for k, v in config.build().state_dict().items()}
     plan = qmap.plan_hf_text(titan_shapes, text_only=True)
     assert {t.hf_key: t.shape for t in plan.tensors} == _expected_hf_shapes(hf_text_config(config))
+
+
+def test_a_run_config_that_does_not_fit_the_checkpoint_is_refused(tmp_path):
+    """The run's config (here: a dense model) against the checkpoint's shapes (an MoE one): refused before
+    anything is written, the failed findings named."""
+    from molgen_export.errors import VerificationError
+    from molgen_export.options import ExportOptions
+    from molgen_export.pipeline.export import export_step
+    from molgen_export.verify import reference
+
+    step_dir, job_config, config = _qwen3_5_run(tmp_path, moe=True)
+    job = json.loads(job_config.read_text())
+    job["model_spec"]["model"] = reference._render(_tiny_config(False, vocab=config.vocab_size))
+    job_config.write_text(json.dumps(job))
+    with pytest.raises(VerificationError) as caught:
+        export_step(step_dir, ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32"))
+    failed = {f.name for f in caught.value.findings if not f.ok}
+    assert "key_coverage" in failed and not (tmp_path / "out").exists()
