@@ -23,7 +23,7 @@ from molgen_export.watch.events import filesystem_type, is_network_filesystem, p
 from molgen_export.watch.journal import failure_record_path, read_journal
 from tests.helpers.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ExportOptions(skip_logits=True, threads=1)
 QUIET = dict(nice=0, rescan=0, retry_backoff=0.1)
 

@@ -32,7 +32,7 @@ from molgen_export.pipeline.export import ExportReport, export_step
 from molgen_export.pipeline.plan import plan_dcp_step
 from molgen_export.pipeline.timing import Timer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _save(state: dict, step_dir: Path) -> None:

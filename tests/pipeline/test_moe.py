@@ -20,7 +20,7 @@ from molgen_export.demo import make_demo_run, tiny_moe_arch
 from molgen_export.errors import VerificationError
 from molgen_export.pipeline.export import export_step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:

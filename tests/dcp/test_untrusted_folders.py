@@ -20,7 +20,7 @@ from molgen_export.dcp.read import read_step_metadata
 from molgen_export.errors import ConfigError, UnsafeCheckpointError
 from molgen_export.pipeline.export import export_step, plan_step
 
-PACKAGE = Path(__file__).resolve().parents[1] / "molgen_export"
+PACKAGE = Path(__file__).resolve().parents[2] / "molgen_export"
 
 
 class _RunsCode:

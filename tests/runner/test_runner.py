@@ -22,7 +22,7 @@ from molgen_export.errors import ConfigError
 from molgen_export.watch.journal import read_journal
 from tests.helpers.titan_version import requires_titan03
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 

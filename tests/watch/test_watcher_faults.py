@@ -24,7 +24,7 @@ from molgen_export.watch.watcher import Watcher, WatchOptions
 from molgen_export.watch.journal import JOURNAL_FILE, export_root_for, read_journal
 from tests.helpers.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WRITER = REPO / "tests" / "helpers" / "step_writer.py"
 RSS_GROWTH_BOUND = 50 * 2**20
 """Most the watcher's resident memory may grow between its export of step 10 and of step 50."""

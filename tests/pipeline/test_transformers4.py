@@ -18,7 +18,7 @@ import torch
 from molgen_export.options import ExportOptions
 from molgen_export.pipeline.export import export_step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TF4_PYTHON = Path(os.environ.get("MOLGEN_TRANSFORMERS4_PYTHON", REPO / ".venv-tf4" / "bin" / "python"))
 
 pytestmark = pytest.mark.skipif(not TF4_PYTHON.is_file(),

@@ -24,7 +24,7 @@ from molgen_export.errors import (CheckpointFormatError, ConfigError, MappingErr
 from molgen_export.pipeline.export import export_step, output_dir_for
 from molgen_export.verify.logit_gate import build_titan_model, compare_logits, fixed_token_batch, load_hf_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def titan_reference_state(step_dir: Path) -> dict[str, torch.Tensor]:

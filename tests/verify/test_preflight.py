@@ -13,7 +13,7 @@ from molgen_export.cli import main
 from molgen_export.options import ExportOptions
 from molgen_export.verify.preflight import run_preflight
 from tests.helpers.titan_version import requires_titan03
-from tests.test_runner import stand_in_run
+from tests.runner.test_runner import stand_in_run
 
 
 def _unexportable(job: dict) -> dict:
