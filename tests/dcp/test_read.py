@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from molgen_export.dcp import metadata as dcp_metadata
 from molgen_export.dcp import read
 from molgen_export.demo import save_dcp
 from molgen_export.errors import CheckpointFormatError, SourceVanishedError
@@ -22,13 +21,7 @@ from tests.helpers.procs import run_group
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _api(name: str):
-    """A public function of the DCP reading stage (functions move between dcp/read.py and dcp/metadata.py)."""
-    return getattr(read, name, None) or getattr(dcp_metadata, name)
-
-
-def read_step_metadata(step_dir: Path):
-    return _api("read_step_metadata")(step_dir)
+read_step_metadata = read.read_step_metadata
 
 
 def _non_model_ranges(step_dir: Path) -> list[tuple[str, int, int]]:
