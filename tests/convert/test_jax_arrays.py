@@ -15,7 +15,7 @@ from molgen_export.convert.jax_arrays import load_embeddings, load_layer, read_m
 
 @pytest.fixture(scope="module")
 def hf_untied(tmp_path_factory):
-    from test_layouts_hf_titan import make_hf_folder
+    from tests.convert.test_hf_titan import make_hf_folder
 
     return make_hf_folder(tmp_path_factory.mktemp("hf") / "untied", tie=False, dtype=torch.float32, seed=2)
 
@@ -110,7 +110,7 @@ def test_numpy_forward_of_a_layer_from_the_arrays_matches_hf(hf_untied, tmp_path
 
 
 def test_bfloat16_arrays_tied_model_and_no_pickle(tmp_path):
-    from test_layouts_hf_titan import make_hf_folder
+    from tests.convert.test_hf_titan import make_hf_folder
 
     from molgen_export.convert.jax_arrays import write_jax_arrays
 
