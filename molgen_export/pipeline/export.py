@@ -186,7 +186,7 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
 
         report.source_fingerprint = source_fingerprint(step_dir)
         return qwen3_5_export.export_qwen3_5_step(step_dir, qwen3_5_run, options, report, output_dir, cancel=cancel,
-                                                  check_existing=check_existing)
+                                                  publish_step=publish_step)
 
     def plan_export(timer: Timer) -> ExportPlan:
         fingerprint = report.source_fingerprint = source_fingerprint(step_dir)  # counted in `total`, as planning is
@@ -309,8 +309,34 @@ def export_planned(plan: ExportPlan, output_dir: Path, *, options: ExportOptions
             return stream_weights(plan, temp_dir, options=options, report=report, timer=timer, cancel=cancel,
                                   progress=progress)
 
+    def build(temp_dir: Path) -> None:
+        written = write_weights(plan, temp_dir)
+        finish_export(plan, written, options=options, report=report, timer=timer, temp_dir=temp_dir, cancel=cancel)
+        report.warnings.extend(written.report_notes)
+
+    publish_step(plan, output_dir, build, options=options, report=report, timer=timer, started=started,
+                 cancel=cancel)
+    if report.status == "exported":
+        logger.info("%s exported to %s in %.2f s", plan.meta.label, output_dir, report.timings["total"])
+    return report
+
+
+def publish_step(key, output_dir: Path, build: Callable[[Path], None], *, options: ExportOptions,
+                 report: ExportReport, timer: Timer, started: float, cancel: CancelToken | None = None) -> ExportReport:
+    """The skeleton's outer half, for every model family: under the folder's lock, the skip check, then `build`
+    into a staged folder, the report written into it, and one rename to publish.
+
+    Args:
+        key: what the skip check reads (`check_existing`): an `ExportPlan`, or anything with its `meta`,
+            `source_fingerprint`, `export_dtype_name` and `assets`.
+        build: writes and verifies the export in the temporary folder it is given, filling `report` (raises on
+            any failed check: the folder is removed, nothing is published).
+
+    Returns:
+        `report`, its status `skipped` (the folder already holds this export) or `exported`.
+    """
     with publish.folder_lock(output_dir):
-        existing = check_existing(plan, options, output_dir)
+        existing = check_existing(key, options, output_dir)
         report.output_inputs = existing.inputs
         if existing.skip:
             report.status = "skipped"
@@ -319,16 +345,12 @@ def export_planned(plan: ExportPlan, output_dir: Path, *, options: ExportOptions
         report.replaced = existing.replaced
         check_cancel(cancel, "start")
         with publish.staged_folder(output_dir, publishing=lambda: timer.stage("publish")) as temp_dir:
-            written = write_weights(plan, temp_dir)
-            finish_export(plan, written, options=options, report=report, timer=timer, temp_dir=temp_dir,
-                          cancel=cancel)
-            report.warnings.extend(written.report_notes)
+            build(temp_dir)
             report.timings["total"] = round(time.perf_counter() - started, 4)
             report.status = "exported"
             report.written = True
             publish.write_json(temp_dir / REPORT_FILE, report.to_json())
             check_cancel(cancel, "publish")  # the last point: after the rename the export is published
-    logger.info("%s exported to %s in %.2f s", plan.meta.label, output_dir, report.timings["total"])
     return report
 
 

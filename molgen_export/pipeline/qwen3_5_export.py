@@ -92,12 +92,12 @@ def _set_aside_detail(set_aside: dict[str, str]) -> str:
 
 def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: ExportReport, output_dir: Path, *,
                         cancel: CancelToken | None = None,
-                        check_existing: Callable[[SkipKey, ExportOptions, Path], object] | None = None) -> ExportReport:
+                        publish_step: Callable[..., ExportReport]) -> ExportReport:
     """Export one qwen3_5 DCP step; the report says `planned` (dry run), `skipped` or `exported`.
 
     Args:
-        check_existing: the pipeline's skip check (`export.check_existing`), called under the folder lock: an
-            export already published from the same source, options and assets is kept (`skipped`).
+        publish_step: the pipeline's outer skeleton (`export.publish_step`: folder lock, skip check, staged
+            folder, report, one rename), handed in because `export` imports this module.
 
     Raises:
         ConfigError: no base assets, a setting HF Qwen3.5 cannot express, a dtype that is not an export dtype.
@@ -171,76 +171,65 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
         return report
     checks.raise_on_failures(findings, meta.label)
 
-    with publish.folder_lock(output_dir):
-        if check_existing is not None:
-            existing = check_existing(SkipKey(meta, report.source_fingerprint, dtype_name, Path(assets)), options,
-                                      output_dir)
-            report.output_inputs = existing.inputs
-            if existing.skip:
-                report.status = "skipped"
-                report.timings["total"] = round(time.perf_counter() - started, 4)
-                return report
-            report.replaced = existing.replaced
-        check_cancel(cancel, "start")
-        with publish.staged_folder(output_dir, publishing=lambda: timer.stage("publish")) as temp_dir:
-            with timer.stage("stream"):
-                titan_sd = {k: meta.read(canonical[k]) for k in canonical if not k.startswith("vision_encoder.")}
-                biases = {k: titan_sd[k] for k in plan.set_aside if k.endswith("expert_bias_E")}
-                if biases:
-                    finding = checks.check_expert_bias(biases, options.allow_expert_bias_drop)
-                    findings.append(finding)
-                    if finding.warning:
-                        report.warnings.append(finding.detail)
-                rounded = {k: v.to(export_dtype) for k, v in titan_sd.items()}
-                hf_sd = {t.hf_key: qmap.build_hf_tensor(t, rounded) for t in plan.tensors}
-                bad = [(",".join(t.titan_keys), t.hf_key, *checks.count_nonfinite(hf_sd[t.hf_key]))
-                       for t in plan.tensors if checks.any_nonfinite(hf_sd[t.hf_key])]
-                findings.append(checks.nonfinite_finding(bad, len(plan.tensors)))
-                checks.raise_on_failures(findings, meta.label)
-                planned = [safetensors_writer.PlannedTensor(k, tuple(v.shape), v.dtype) for k, v in hf_sd.items()]
-                writer = safetensors_writer.SafetensorsWriter(
-                    temp_dir, safetensors_writer.plan_shards(planned, options.max_shard_bytes))
-                try:
-                    for key, tensor in hf_sd.items():
-                        writer.write(key, tensor)
-                    files = writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
-            with timer.stage("assets"):
-                hf_config = {**hf_fields, "dtype": dtype_name}
-                generation = config_files.build_generation_config(Path(assets), hf_config)
-                publish.write_json(temp_dir / "config.json", hf_config)
-                publish.write_json(temp_dir / "generation_config.json", generation)
-                files += ["config.json", "generation_config.json"]
-                files += publish.copy_files(config_files.tokenizer_files(Path(assets)), temp_dir)
-            with timer.stage("verify_files"):
-                findings.append(logit_gate.check_written_tensors(temp_dir, {t.hf_key: t for t in planned}))
-                checks.raise_on_failures(findings, meta.label)
-            if options.skip_logits:
-                findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
-            else:
-                check_cancel(cancel, "logit gate")
-                with timer.stage("verify_logits"):
-                    tolerance = options.logits_atol * (MOE_TOLERANCE_FACTOR if "num_experts" in hf_fields else 1)
-                    limit = min(tokenizer_size or hf_fields["vocab_size"], hf_fields["vocab_size"])
-                    fidelity = qwen3_5_gate.verify_qwen3_5_logits(
-                        titan_config, {k: v.float() for k, v in rounded.items()}, temp_dir, vocab_limit=limit,
-                        tolerance=tolerance, device=options.device)
-                r = fidelity.result
-                report.fidelity = fidelity.to_json()
-                findings.append(checks.Finding(
-                    "logits", r.passed, f"max|Δ| {r.max_abs_diff:.3g} (limit {r.tolerance:.3g}), top-1 agreement "
-                                        f"{r.top1_agreement:.4f} over {r.tokens} tokens; torchtitan's qwen3_5 modules "
-                                        f"with the delta rule of {fidelity.delta_rule_op}"))
-            report.findings = [f.to_json() for f in findings]
+    def build(temp_dir: Path) -> None:
+        with timer.stage("stream"):
+            titan_sd = {k: meta.read(canonical[k]) for k in canonical if not k.startswith("vision_encoder.")}
+            biases = {k: titan_sd[k] for k in plan.set_aside if k.endswith("expert_bias_E")}
+            if biases:
+                finding = checks.check_expert_bias(biases, options.allow_expert_bias_drop)
+                findings.append(finding)
+                if finding.warning:
+                    report.warnings.append(finding.detail)
+            rounded = {k: v.to(export_dtype) for k, v in titan_sd.items()}
+            hf_sd = {t.hf_key: qmap.build_hf_tensor(t, rounded) for t in plan.tensors}
+            bad = [(",".join(t.titan_keys), t.hf_key, *checks.count_nonfinite(hf_sd[t.hf_key]))
+                   for t in plan.tensors if checks.any_nonfinite(hf_sd[t.hf_key])]
+            findings.append(checks.nonfinite_finding(bad, len(plan.tensors)))
             checks.raise_on_failures(findings, meta.label)
-            report.output_bytes = sum((temp_dir / name).stat().st_size for name in files)
-            report.files = files + [REPORT_FILE]
-            report.timings["total"] = round(time.perf_counter() - started, 4)
-            report.status = "exported"
-            report.written = True
-            publish.write_json(temp_dir / REPORT_FILE, report.to_json())
-            check_cancel(cancel, "publish")
-    logger.info("%s exported (qwen3_5, text-only) to %s in %.2f s", meta.label, output_dir, report.timings["total"])
+            planned = [safetensors_writer.PlannedTensor(k, tuple(v.shape), v.dtype) for k, v in hf_sd.items()]
+            writer = safetensors_writer.SafetensorsWriter(
+                temp_dir, safetensors_writer.plan_shards(planned, options.max_shard_bytes))
+            try:
+                for key, tensor in hf_sd.items():
+                    writer.write(key, tensor)
+                files = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        with timer.stage("assets"):
+            hf_config = {**hf_fields, "dtype": dtype_name}
+            generation = config_files.build_generation_config(Path(assets), hf_config)
+            publish.write_json(temp_dir / "config.json", hf_config)
+            publish.write_json(temp_dir / "generation_config.json", generation)
+            files += ["config.json", "generation_config.json"]
+            files += publish.copy_files(config_files.tokenizer_files(Path(assets)), temp_dir)
+        with timer.stage("verify_files"):
+            findings.append(logit_gate.check_written_tensors(temp_dir, {t.hf_key: t for t in planned}))
+            checks.raise_on_failures(findings, meta.label)
+        if options.skip_logits:
+            findings.append(checks.Finding("logits", True, "skipped (--skip-logits)", warning=True))
+        else:
+            check_cancel(cancel, "logit gate")
+            with timer.stage("verify_logits"):
+                tolerance = options.logits_atol * (MOE_TOLERANCE_FACTOR if "num_experts" in hf_fields else 1)
+                limit = min(tokenizer_size or hf_fields["vocab_size"], hf_fields["vocab_size"])
+                fidelity = qwen3_5_gate.verify_qwen3_5_logits(
+                    titan_config, {k: v.float() for k, v in rounded.items()}, temp_dir, vocab_limit=limit,
+                    tolerance=tolerance, device=options.device)
+            r = fidelity.result
+            report.fidelity = fidelity.to_json()
+            findings.append(checks.Finding(
+                "logits", r.passed, f"max|Δ| {r.max_abs_diff:.3g} (limit {r.tolerance:.3g}), top-1 agreement "
+                                    f"{r.top1_agreement:.4f} over {r.tokens} tokens; torchtitan's qwen3_5 modules "
+                                    f"with the delta rule of {fidelity.delta_rule_op}"))
+        report.findings = [f.to_json() for f in findings]
+        checks.raise_on_failures(findings, meta.label)
+        report.output_bytes = sum((temp_dir / name).stat().st_size for name in files)
+        report.files = files + [REPORT_FILE]
+
+    publish_step(SkipKey(meta, report.source_fingerprint, dtype_name, Path(assets)), output_dir, build,
+                 options=options, report=report, timer=timer, started=started, cancel=cancel)
+    if report.status == "exported":
+        logger.info("%s exported (qwen3_5, text-only) to %s in %.2f s", meta.label, output_dir,
+                    report.timings["total"])
     return report
