@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from molgen_export.mapping import qwen3_5 as qmap
 from molgen_export.mapping.keymap import canonical_titan_key
 from molgen_export.mapping.qwen3_5_config import hf_text_config, with_base_config
 from molgen_export.options import ExportOptions
+from molgen_export.pipeline import qwen3_5_stream
 from molgen_export.pipeline.plan import DTYPES
 from molgen_export.pipeline.report import REPORT_FILE, ExportReport
 from molgen_export.pipeline.timing import Timer
@@ -172,30 +174,32 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
     checks.raise_on_failures(findings, meta.label)
 
     def build(temp_dir: Path) -> None:
+        counter = read.ByteCounter()
         with timer.stage("stream"):
-            titan_sd = {k: meta.read(canonical[k]) for k in canonical if not k.startswith("vision_encoder.")}
-            biases = {k: titan_sd[k] for k in plan.set_aside if k.endswith("expert_bias_E")}
+            biases = {k: meta.read(canonical[k], counter) for k in plan.set_aside if k.endswith("expert_bias_E")}
             if biases:
                 finding = checks.check_expert_bias(biases, options.allow_expert_bias_drop)
                 findings.append(finding)
                 if finding.warning:
                     report.warnings.append(finding.detail)
-            rounded = {k: v.to(export_dtype) for k, v in titan_sd.items()}
-            hf_sd = {t.hf_key: qmap.build_hf_tensor(t, rounded) for t in plan.tensors}
-            bad = [(",".join(t.titan_keys), t.hf_key, *checks.count_nonfinite(hf_sd[t.hf_key]))
-                   for t in plan.tensors if checks.any_nonfinite(hf_sd[t.hf_key])]
-            findings.append(checks.nonfinite_finding(bad, len(plan.tensors)))
-            checks.raise_on_failures(findings, meta.label)
-            planned = [safetensors_writer.PlannedTensor(k, tuple(v.shape), v.dtype) for k, v in hf_sd.items()]
-            writer = safetensors_writer.SafetensorsWriter(
-                temp_dir, safetensors_writer.plan_shards(planned, options.max_shard_bytes))
-            try:
-                for key, tensor in hf_sd.items():
-                    writer.write(key, tensor)
-                files = writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+                checks.raise_on_failures(findings, meta.label)
+
+            def open_writer(planned):
+                return safetensors_writer.SafetensorsWriter(
+                    temp_dir, safetensors_writer.plan_shards(planned, options.max_shard_bytes))
+
+            def before_close(outcome: qwen3_5_stream.Qwen35StreamOutcome) -> None:
+                bad = [(",".join(canonical[k] for k in by_hf[hf_key].titan_keys), hf_key, nan, inf)
+                       for hf_key, (nan, inf) in sorted(outcome.nonfinite.items())]
+                findings.append(checks.nonfinite_finding(bad, len(plan.tensors)))
+                checks.raise_on_failures(findings, meta.label)
+
+            by_hf = {t.hf_key: t for t in plan.tensors}
+            outcome = qwen3_5_stream.stream_text_model(meta, canonical, plan, export_dtype, open_writer, counter,
+                                                       cancel=cancel, before_close=before_close)
+            planned, files = outcome.planned, list(outcome.files)
+            report.bytes_read = counter.bytes
+            report.read_paths = dict(sorted(counter.paths.items()))
         with timer.stage("assets"):
             hf_config = {**hf_fields, "dtype": dtype_name}
             generation = config_files.build_generation_config(Path(assets), hf_config)
@@ -213,15 +217,19 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
             with timer.stage("verify_logits"):
                 tolerance = options.logits_atol * (MOE_TOLERANCE_FACTOR if "num_experts" in hf_fields else 1)
                 limit = min(tokenizer_size or hf_fields["vocab_size"], hf_fields["vocab_size"])
-                fidelity = qwen3_5_gate.verify_qwen3_5_logits(
-                    titan_config, {k: v.float() for k, v in rounded.items()}, temp_dir, vocab_limit=limit,
-                    tolerance=tolerance, device=options.device)
+                verify_counter = read.ByteCounter()
+                titan = qwen3_5_stream.titan_weights(meta, canonical, export_dtype, verify_counter, cancel=cancel)
+                fidelity = qwen3_5_gate.verify_qwen3_5_export(
+                    titan_config, titan, temp_dir, params=sum(math.prod(t.shape) for t in plan.tensors),
+                    vocab_limit=limit, tolerance=tolerance, device=options.device)
+                report.verify_bytes_read = verify_counter.bytes
             r = fidelity.result
             report.fidelity = fidelity.to_json()
+            where = f"; first divergence: {r.first_divergence}" if r.first_divergence else ""
             findings.append(checks.Finding(
                 "logits", r.passed, f"max|Δ| {r.max_abs_diff:.3g} (limit {r.tolerance:.3g}), top-1 agreement "
-                                    f"{r.top1_agreement:.4f} over {r.tokens} tokens; torchtitan's qwen3_5 modules "
-                                    f"with the delta rule of {fidelity.delta_rule_op}"))
+                                    f"{r.top1_agreement:.4f} over {r.tokens} tokens ({r.mode}){where}; torchtitan's "
+                                    f"qwen3_5 modules with the delta rule of {fidelity.delta_rule_op}"))
         report.findings = [f.to_json() for f in findings]
         checks.raise_on_failures(findings, meta.label)
         report.output_bytes = sum((temp_dir / name).stat().st_size for name in files)

@@ -1,6 +1,13 @@
 """The logit gate for Qwen3.5 exports: torchtitan's `qwen3_5` modules (the CPU reference, see
-`qwen3_5_reference`) against the HF folder as written, loaded with `AutoModelForCausalLM`, on the same tokens and
-with the same figures and tolerance rule as the Qwen3 gate (`logit_gate.compare_logits`)."""
+`qwen3_5_reference`) against the HF folder as written, on the same tokens and with the same figures and tolerance
+rule as the Qwen3 gate.
+
+`verify_qwen3_5_export` picks the path by the text model's parameter count, as `gate.verify_export` does for Qwen3
+(`gate.WHOLE_MODEL_MAX_PARAMS`; MoE too, since a Qwen3.5 MoE is never small enough to hold twice): small models
+whole (`verify_qwen3_5_logits`: the whole reference against `AutoModelForCausalLM` on the folder), bigger ones
+layer by layer (`qwen3_5_layerwise`: one block of each side at a time, the first divergent layer named). Either
+way the torchtitan side is the run's own model config with the checkpoint's bytes, never our mapping.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from pathlib import Path
 import torch
 
 from molgen_export.errors import VerificationError
-from molgen_export.verify import logit_gate, qwen3_5_reference
+from molgen_export.verify import gate, logit_gate, qwen3_5_layerwise, qwen3_5_reference
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +32,10 @@ class Qwen35Fidelity:
     """`fla` (torchtitan's own kernels, on CUDA) or `qwen3_5_reference.DELTA_RULE_OP` (the pure-torch op)."""
     fla_placeholders: bool
     """torchtitan's qwen3_5 was imported over placeholder `fla` modules (`fla` is not installed here)."""
+
+    @property
+    def mode(self) -> str:
+        return self.result.mode
 
     @property
     def passed(self) -> bool:
@@ -75,6 +86,41 @@ def verify_qwen3_5_logits(titan_config, titan_state: dict[str, torch.Tensor], hf
     return fidelity
 
 
+def verify_qwen3_5_export(titan_config, titan: gate.TitanSource, hf_dir: Path, *, params: int, vocab_limit: int,
+                          tolerance: float, device: str = "cpu", mode: str = "auto") -> Qwen35Fidelity:
+    """The Qwen3.5 logit gate on the folder just written, whole or layer by layer.
+
+    Args:
+        titan_config: the run's `Qwen35Model.Config`.
+        titan: the checkpoint's text-model tensors, rounded to the export dtype (read again from the checkpoint).
+        hf_dir: the written folder.
+        params: parameters of the exported text model (chooses the path under `mode="auto"`).
+        vocab_limit: logits compared on `[:vocab_limit]`.
+        tolerance: max|Δ| allowed, relative to max(1, max|torchtitan value|) (per layer too, layer-wise).
+        mode: `whole`, `layerwise`, or `auto` (whole up to `gate.WHOLE_MODEL_MAX_PARAMS` parameters).
+
+    Raises:
+        VerificationError: the folder does not load (missing, unexpected or mismatched keys or shapes).
+    """
+    if mode == "auto":
+        mode = "whole" if params <= gate.WHOLE_MODEL_MAX_PARAMS else "layerwise"
+    if mode == "whole":
+        state = {k: v.float() for k, v in titan.read(titan.keys()).items()}
+        return verify_qwen3_5_logits(titan_config, state, hf_dir, vocab_limit=vocab_limit, tolerance=tolerance,
+                                     device=device)
+    if mode != "layerwise":
+        raise ValueError(f"mode {mode!r}: whole, layerwise or auto")
+    imported = qwen3_5_reference.import_qwen3_5()
+    batches = [logit_gate.fixed_token_batch(vocab_limit, batch=1, length=gate.LAYERWISE_LENGTH)]
+    prompt = logit_gate.prompt_tokens(hf_dir)[:, :gate.LAYERWISE_LENGTH]
+    if prompt.numel() and int(prompt.max()) < vocab_limit:
+        batches.append(prompt)
+    result = qwen3_5_layerwise.verify_layerwise(titan_config, titan, set(titan.keys()), hf_dir, batches,
+                                                vocab_limit=vocab_limit, tolerance=tolerance, device=device)
+    on_fla = not imported.fla_placeholders and str(device).startswith("cuda")
+    return Qwen35Fidelity(result, "fla" if on_fla else qwen3_5_reference.DELTA_RULE_OP, imported.fla_placeholders)
+
+
 def _with_model_only(titan_config, titan_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state with the vision tower filled from a fresh build when absent: the text logits never read it."""
     if any(k.startswith("vision_encoder.") for k in titan_state):
@@ -96,8 +142,10 @@ def require_passed(fidelity: Qwen35Fidelity, hf_dir: Path) -> None:
     """
     r = fidelity.result
     if not r.passed:
+        where = f"; first divergence: {r.first_divergence}" if r.first_divergence else ""
         raise VerificationError(f"the exported Qwen3.5 folder {hf_dir} computes other logits than torchtitan's "
                                 f"qwen3_5: max|Δ| {r.max_abs_diff:.3g} > {r.tolerance:.3g}, top-1 agreement "
-                                f"{r.top1_agreement:.3f} over {r.tokens} tokens (delta rule: {fidelity.delta_rule_op})",
+                                f"{r.top1_agreement:.3f} over {r.tokens} tokens ({r.mode}{where}; delta rule: "
+                                f"{fidelity.delta_rule_op})",
                                 hint="the key map or a tensor layout is wrong (e.g. the torchtitan 0.3.0 adapter's "
                                      "expert layout); nothing should be published")
