@@ -1,9 +1,17 @@
 """vLLM's merged weight layout <-> HF names, as zero-copy views.
 
-vLLM stores `q_proj/k_proj/v_proj` as one `qkv_proj` (`cat([q; k; v], dim=0)`), `gate_proj/up_proj` as one
-`gate_up_proj`, and for Qwen3.5-style linear-attention layers `in_proj_qkv + in_proj_z` as `in_proj_qkvz` and
-`in_proj_b + in_proj_a` as `in_proj_ba`. Merged -> HF is a dim-0 `narrow` per part: a view on the same memory, no
-copy. HF -> merged (`vllm_fused_from_hf`) concatenates and therefore allocates.
+vLLM stores `q_proj/k_proj/v_proj` as one `qkv_proj` (`cat([q; k; v], dim=0)`) and `gate_proj/up_proj` as one
+`gate_up_proj` (also a MoE's `shared_expert.gate_up_proj`). For Qwen3.5 Gated DeltaNet layers, where HF keeps
+`in_proj_qkv` ([q; k; v] rows), `in_proj_z`, `in_proj_b` and `in_proj_a` separate, vLLM's `Qwen3_5` model loads
+`in_proj_qkv` and `in_proj_z` into one `in_proj_qkvz` (output sizes `[key_dim, key_dim, value_dim, value_dim]`:
+plain `cat([in_proj_qkv; in_proj_z], dim=0)`, not interleaved) and `in_proj_b` then `in_proj_a` into `in_proj_ba`.
+Qwen3-Next is different: its HF checkpoint already holds `in_proj_qkvz`/`in_proj_ba`, interleaved per key-head
+group, and vLLM loads them as they are, so for `qwen3_next` they pass through unsplit. Qwen3.5 MoE routed experts
+keep HF's layout under vLLM's FusedMoE names: `experts.gate_up_proj` [E, 2F, D] (gate rows, then up rows) is
+`experts.w13_weight`, `experts.down_proj` [E, D, F] is `experts.w2_weight`, the same tensors.
+
+Merged -> HF is a dim-0 `narrow` per part (or the tensor itself, renamed): a view on the same memory, no copy.
+HF -> merged (`vllm_fused_from_hf`) concatenates and therefore allocates.
 
 To run an HF model on the merged memory this module uses `torch.func.functional_call`: the HF model is built on
 the meta device (no weight memory of its own, buffers materialized), and each call narrows fresh views of the
@@ -12,8 +20,11 @@ merged tensors' `.grad`, and an optimizer over the merged tensors updates the me
 model's parameters by `nn.Parameter` views would share the weights too, but each such parameter is its own
 autograd leaf, so gradients would land in separate `.grad` tensors, not in the merged layout.)
 
-Views are for the global (unsharded) layout: under vLLM tensor parallelism each rank's `qkv_proj` is
-`[q_r; k_r; v_r]`, not a slice of the global tensor, and its sizes will not match the config's.
+Views are for the global (unsharded) layout as vLLM's loader writes it: under vLLM tensor parallelism each rank's
+`qkv_proj` is `[q_r; k_r; v_r]` (and `in_proj_qkvz` `[q_r; k_r; v_r; z_r]`), not a slice of the global tensor, and
+its sizes will not match the config's; MoE backends that repack `w13_weight`/`w2_weight` after loading (ROCm
+AITER shuffling, CPU weight packing, kernels that want the up rows first) and a shared expert fused into the routed
+experts are not a view of this layout either.
 """
 
 from __future__ import annotations
@@ -36,10 +47,28 @@ MERGED_MODULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "qkv"),
     # SwiGLU MLP: gate rows, then up rows
     ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj"), "gate_up"),
-    # Gated DeltaNet linear attention (Qwen3.5): [q; k; v] projection rows, then z (output gate) rows
+    # MoE shared expert (Qwen3.5 MoE, Qwen3-Next): gate rows, then up rows
+    ("mlp.shared_expert.gate_up_proj", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+     "shared_gate_up"),
+    # Gated DeltaNet linear attention (Qwen3.5): in_proj_qkv's [q; k; v] rows, then z (output gate) rows
     ("linear_attn.in_proj_qkvz", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z"), "qkvz"),
-    # Gated DeltaNet linear attention: beta rows, then alpha rows (one per value head each)
+    # Gated DeltaNet linear attention (Qwen3.5): beta rows, then alpha rows (one per value head each)
     ("linear_attn.in_proj_ba", ("linear_attn.in_proj_b", "linear_attn.in_proj_a"), "ba"),
+)
+
+LINEAR_ATTENTION_GROUPS = frozenset({"qkvz", "ba"})
+"""The merges of HF's separate Gated DeltaNet projections (Qwen3.5 layout)."""
+
+INTERLEAVED_LINEAR_ATTENTION_MODEL_TYPES = frozenset({"qwen3_next"})
+"""Model types whose HF checkpoint already holds `in_proj_qkvz`/`in_proj_ba` (interleaved per key-head group),
+which vLLM loads unchanged: no merge, no split."""
+
+# (vLLM parameter suffix, HF parameter suffix): one tensor under two names, same layout.
+RENAMED_PARAMS: tuple[tuple[str, str], ...] = (
+    # Qwen3.5 MoE routed experts [E, 2F, D]: per expert the F gate rows, then the F up rows (vLLM's w1 then w3)
+    ("mlp.experts.w13_weight", "mlp.experts.gate_up_proj"),
+    # ... and [E, D, F] (vLLM's w2)
+    ("mlp.experts.w2_weight", "mlp.experts.down_proj"),
 )
 
 # (vLLM name prefix, HF name prefix): models whose language model sits under `language_model.` in vLLM.
@@ -48,7 +77,7 @@ PREFIX_RULES: tuple[tuple[str, str], ...] = (
     ("language_model.model.", "model.language_model."),
     # ... and their head
     ("language_model.lm_head.", "lm_head."),
-    # ... and the vision tower (passed through unchanged otherwise)
+    # ... and the vision tower (its inner names are passed through unchanged, not checked)
     ("visual.", "model.visual."),
 )
 
@@ -65,10 +94,15 @@ class SplitSizes:
     """Dim-0 row counts of each part of each merged tensor, computed from the model config."""
 
     qkv: tuple[int, int, int]
-    gate_up: tuple[int, int]
+    gate_up: tuple[int, int] | None
+    """None when the config has no dense `intermediate_size` (a MoE whose every layer is sparse)."""
+    shared_gate_up: tuple[int, int] | None
+    """None when the config has no `shared_expert_intermediate_size`."""
     qkvz: tuple[int, int] | None
     """None when the config has no linear-attention dims."""
     ba: tuple[int, int] | None
+    interleaved_linear_attention: bool = False
+    """True for Qwen3-Next: `in_proj_qkvz`/`in_proj_ba` are HF tensors themselves, never merged or split."""
 
 
 def _text_config(config: Any) -> Any:
@@ -95,12 +129,18 @@ def split_sizes(config: Any) -> SplitSizes:
                               hint="pass the model's HF config (for multimodal models, the one with text_config)")
         return int(value)
 
+    def pair(name: str) -> tuple[int, int] | None:
+        value = getattr(text, name, None)
+        return (int(value), int(value)) if value else None
+
+    model_type = getattr(text, "model_type", None)
     n_heads = need("num_attention_heads")
     head_dim = getattr(text, "head_dim", None) or need("hidden_size") // n_heads
     n_kv_heads = getattr(text, "num_key_value_heads", None) or n_heads
-    gated = getattr(text, "attn_output_gate", getattr(text, "model_type", None) in GATED_ATTENTION_MODEL_TYPES)
+    gated = getattr(text, "attn_output_gate", None)
+    if gated is None:
+        gated = model_type in GATED_ATTENTION_MODEL_TYPES
     q_rows = n_heads * head_dim * (2 if gated else 1)
-    intermediate = need("intermediate_size")
     qkvz = ba = None
     if getattr(text, "linear_num_value_heads", None):
         key_dim = need("linear_num_key_heads") * need("linear_key_head_dim")
@@ -108,8 +148,23 @@ def split_sizes(config: Any) -> SplitSizes:
         value_dim = value_heads * need("linear_value_head_dim")
         qkvz = (2 * key_dim + value_dim, value_dim)
         ba = (value_heads, value_heads)
-    return SplitSizes(qkv=(q_rows, n_kv_heads * head_dim, n_kv_heads * head_dim), gate_up=(intermediate, intermediate),
-                      qkvz=qkvz, ba=ba)
+    return SplitSizes(qkv=(q_rows, n_kv_heads * head_dim, n_kv_heads * head_dim),
+                      gate_up=pair("intermediate_size"), shared_gate_up=pair("shared_expert_intermediate_size"),
+                      qkvz=qkvz, ba=ba,
+                      interleaved_linear_attention=model_type in INTERLEAVED_LINEAR_ATTENTION_MODEL_TYPES)
+
+
+def _merged_modules(sizes: SplitSizes, keep_separate: Iterable[str] = ()
+                    ) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """The `MERGED_MODULES` entries that apply to a model (its config's `sizes`), less those kept separate."""
+    kept = set(keep_separate)
+    unknown = kept - {merged for merged, _, _ in MERGED_MODULES}
+    if unknown:
+        raise ConfigError(f"keep_separate names {sorted(unknown)}, which are not merged vLLM modules",
+                          hint=f"use some of {[merged for merged, _, _ in MERGED_MODULES]}")
+    return tuple((merged, parts, group) for merged, parts, group in MERGED_MODULES
+                 if merged not in kept
+                 and not (sizes.interleaved_linear_attention and group in LINEAR_ATTENTION_GROUPS))
 
 
 def _swap_prefix(name: str, rules: tuple[tuple[str, str], ...], reverse: bool) -> str:
@@ -127,23 +182,34 @@ def _prefix_rules(names: Iterable[str], *, hf_side: bool) -> tuple[tuple[str, st
 
 
 def hf_name_for(vllm_name: str, rules: tuple[tuple[str, str], ...] = PREFIX_RULES) -> str:
-    """The HF name of a vLLM parameter name (prefix rules only; merged modules are split separately)."""
-    return _swap_prefix(vllm_name, rules, reverse=False)
+    """The HF name of a vLLM parameter name: prefix rules and `RENAMED_PARAMS` (merged modules are split
+    separately)."""
+    return _renamed(_swap_prefix(vllm_name, rules, reverse=False), to_hf=True)
 
 
 def vllm_name_for(hf_name: str, rules: tuple[tuple[str, str], ...] = PREFIX_RULES) -> str:
-    """The vLLM name of an HF parameter name (prefix rules only)."""
-    return _swap_prefix(hf_name, rules, reverse=True)
+    """The vLLM name of an HF parameter name: prefix rules and `RENAMED_PARAMS`."""
+    return _renamed(_swap_prefix(hf_name, rules, reverse=True), to_hf=False)
 
 
-def _merged_match(name: str) -> tuple[str, str, tuple[str, ...], str] | None:
+def _merged_match(name: str, modules: tuple[tuple[str, tuple[str, ...], str], ...]
+                  ) -> tuple[str, str, tuple[str, ...], str] | None:
     """(module prefix, parameter suffix, HF part modules, size group) when `name` is a merged vLLM parameter."""
-    for merged, parts, group in MERGED_MODULES:
+    for merged, parts, group in modules:
         for suffix in (".weight", ".bias"):
             tail = f".{merged}{suffix}"
             if name.endswith(tail):
                 return name[: -len(tail)], suffix, parts, group
     return None
+
+
+def _renamed(name: str, *, to_hf: bool) -> str:
+    """`name` with a `RENAMED_PARAMS` suffix swapped to the other side's spelling (else unchanged)."""
+    for vllm_suffix, hf_suffix in RENAMED_PARAMS:
+        source, target = (vllm_suffix, hf_suffix) if to_hf else (hf_suffix, vllm_suffix)
+        if name.endswith(f".{source}"):
+            return name[: -len(source)] + target
+    return name
 
 
 def _shares_storage(view: torch.Tensor, source: torch.Tensor) -> bool:
@@ -154,7 +220,8 @@ def hf_views_from_vllm(params: Mapping[str, torch.Tensor], config: Any) -> dict[
     """HF-named tensors over vLLM's merged parameters, without copies.
 
     Merged tensors are split with dim-0 `narrow` (split sizes from `config`); other tensors are returned as they
-    are, renamed. Views of tensors that require grad are autograd views: gradients through them accumulate into
+    are, renamed. Tensors a vLLM version keeps separate (e.g. `in_proj_qkv`/`in_proj_z` with LoRA enabled) and
+    Qwen3-Next's interleaved `in_proj_qkvz`/`in_proj_ba` pass through unsplit. Views of tensors that require grad are autograd views: gradients through them accumulate into
     the merged tensor.
 
     Args:
@@ -169,10 +236,11 @@ def hf_views_from_vllm(params: Mapping[str, torch.Tensor], config: Any) -> dict[
             share storage with its source (e.g. a tensor subclass that copies on `narrow`).
     """
     sizes = split_sizes(config)
+    modules = _merged_modules(sizes)
     rules = _prefix_rules(params, hf_side=False)
     views: dict[str, torch.Tensor] = {}
     for vllm_name, merged in params.items():
-        match = _merged_match(vllm_name)
+        match = _merged_match(vllm_name, modules)
         if match is None:
             views[hf_name_for(vllm_name, rules)] = merged
             continue
@@ -195,15 +263,25 @@ def hf_views_from_vllm(params: Mapping[str, torch.Tensor], config: Any) -> dict[
     return views
 
 
-def vllm_fused_from_hf(hf_params: Mapping[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+def vllm_fused_from_hf(hf_params: Mapping[str, torch.Tensor], config: Any, *,
+                       keep_separate: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """vLLM's merged layout from HF-named tensors. Merged tensors are new allocations (`torch.cat`); the others
     are passed through renamed. Rotary `inv_freq` buffers are dropped, and a tied `lm_head.weight` too (vLLM
     reuses the embedding).
 
+    Args:
+        hf_params: HF name -> tensor (e.g. `dict(model.state_dict())`).
+        config: the model's HF config (`PretrainedConfig` or dict).
+        keep_separate: merged vLLM modules (`MERGED_MODULES` names) to leave as their HF parts, for a vLLM that
+            does not merge them: `("linear_attn.in_proj_qkvz",)` for Qwen3.5 with LoRA enabled, where vLLM keeps
+            `in_proj_qkv` and `in_proj_z`.
+
     Raises:
         MappingError: a merged module with a part missing, or parts whose rows differ from the config's sizes.
+        ConfigError: `keep_separate` names a module that is not merged.
     """
     sizes = split_sizes(config)
+    modules = _merged_modules(sizes, keep_separate)
     tied = bool(getattr(_text_config(config), "tie_word_embeddings", False))
     rules = _prefix_rules(hf_params, hf_side=True)
     used: set[str] = set()
@@ -213,7 +291,7 @@ def vllm_fused_from_hf(hf_params: Mapping[str, torch.Tensor], config: Any) -> di
             continue
         if tied and hf_name == "lm_head.weight":
             continue
-        for merged, parts, group in MERGED_MODULES:
+        for merged, parts, group in modules:
             found = next(((hf_name[: -len(f".{p}{s}")], s) for p in parts for s in (".weight", ".bias")
                           if hf_name.endswith(f".{p}{s}")), None)
             if found is None:
