@@ -80,6 +80,10 @@ class ExportOptions:
     allow_expert_bias_drop: bool = False
     """Export a Qwen3 MoE whose load-balancing expert bias is non-zero (routing will differ; recorded as a warning)."""
 
+    drop_vision_tower: bool = False
+    """Export a Qwen3.5 run text-only, leaving out its vision-tower tensors (each named in the report). Without it a
+    checkpoint with vision weights is refused by name: the multimodal HF export is not implemented."""
+
     threads: int | None = None
     """torch intra-op threads for the export (unset: torch's own default)."""
 

@@ -76,13 +76,18 @@ FUSIONS: tuple[tuple[str, tuple[str, ...], int, str], ...] = (
 
 # (TorchTitan pattern, reason): tensors that are not exported, each named in the plan with its reason.
 SET_ASIDE: tuple[tuple[str, str], ...] = (
-    (r"layers\.\d+\.moe\.expert_bias_E", "MoE load-balancing bias (HF routes without one: it must be zero, checked "
-                                         "on the data)"),
+    (r"layers\.\d+\.moe\.expert_bias_E", ("MoE load-balancing bias (HF routes without one: it must be zero, "
+                                          "checked on the data)")),
     (r"layers\.\d+\.moe\.tokens_per_expert(_E)?", "MoE token counts (training statistics)"),
 )
 
 VISION_RE = re.compile(r"^vision_encoder\.")
-"""The vision tower: exported only with HF's multimodal class; a text export refuses it unless told to leave it."""
+"""The vision tower (`Qwen35VisionEncoder`, which torchtitan 0.3's qwen3_5 model always builds: patch_embed,
+pos_embed, layers.N.*, merger.*). HF's text classes have no place for it and the export to HF's multimodal
+`Qwen3_5ForConditionalGeneration` is not implemented: it is refused by name unless the export is told to drop it."""
+
+VISION_KEYS_SHOWN = 5
+"""How many vision-tower keys a refusal names before the count of the rest."""
 
 ADAPTER_030_EXPERT_LAYOUT = {
     "gate_up_proj": ("cat(w1_EFD.transpose(-2, -1), w3_EFD.transpose(-2, -1), dim=-1)", "[E, D, 2F]"),
@@ -130,12 +135,13 @@ def plan_hf_text(titan_shapes: dict[str, tuple[int, ...]], *, text_only: bool = 
 
     Args:
         titan_shapes: canonical TorchTitan key -> shape (every model tensor of the checkpoint).
-        text_only: leave the vision tower out (each of its keys is listed in `set_aside`); without it a checkpoint
-            with vision weights is refused.
+        text_only: leave the vision tower out (each of its keys is listed in `set_aside`), what the export's
+            `drop_vision_tower` option asks for; without it a checkpoint with vision weights is refused.
 
     Raises:
-        MappingError: keys this map does not know, vision weights without `text_only`, a fusion with parts
-            missing or of shapes that do not concatenate; every such key named.
+        MappingError: keys this map does not know, vision weights without `text_only` (the first
+            `VISION_KEYS_SHOWN` named, the rest counted, all on `.titan_keys`), a fusion with parts missing or of
+            shapes that do not concatenate; every such key named.
     """
     tensors: list[HfTensor] = []
     set_aside: dict[str, str] = {}
@@ -167,10 +173,7 @@ def plan_hf_text(titan_shapes: dict[str, tuple[int, ...]], *, text_only: bool = 
                            hint="the checkpoint is not a torchtitan 0.3 qwen3_5 model (or a newer layout); "
                                 "nothing was written")
     if vision and not text_only:
-        raise MappingError(f"the checkpoint holds {len(vision)} vision-tower tensor(s) ({vision[0]}, ...) that the "
-                           "HF text model has no place for",
-                           hint="export text-only (the vision tower is then listed as left out), or export with "
-                                "HF's multimodal Qwen3_5ForConditionalGeneration")
+        raise _vision_refusal(vision)
     set_aside.update({key: "vision tower (text-only export)" for key in vision})
     problems: list[str] = []
     for (index, layer), found in sorted(parts.items()):
@@ -194,6 +197,19 @@ def plan_hf_text(titan_shapes: dict[str, tuple[int, ...]], *, text_only: bool = 
         raise MappingError("cannot build the fused HF Qwen3.5 tensors: " + "; ".join(problems[:6]),
                            hint="the checkpoint is incomplete or not a torchtitan qwen3_5 model; nothing was written")
     return Qwen35Plan(tuple(sorted(tensors, key=lambda t: t.hf_key)), set_aside)
+
+
+def _vision_refusal(vision: list[str]) -> MappingError:
+    shown = ", ".join(vision[:VISION_KEYS_SHOWN])
+    rest = f" and {len(vision) - VISION_KEYS_SHOWN} more" if len(vision) > VISION_KEYS_SHOWN else ""
+    error = MappingError(
+        f"the checkpoint holds {len(vision)} vision-tower tensor(s): {shown}{rest}. The HF text export "
+        "(Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM) cannot carry them, and an export to HF's multimodal "
+        "Qwen3_5ForConditionalGeneration is not implemented",
+        hint="to publish a text-only model without the vision tower, export with --drop-vision-tower (YAML: "
+             "drop_vision_tower: true); every left-out tensor is then named in the report. Nothing was written")
+    error.titan_keys = tuple(vision)
+    return error
 
 
 def _fill(template: str, match: re.Match) -> str:

@@ -3,7 +3,8 @@ stages as the Qwen3 export (run config -> metadata -> map -> check -> write -> v
 with Qwen3.5's own map (`mapping/qwen3_5.py`), config (`mapping/qwen3_5_config.py`) and logit gate
 (`verify/qwen3_5_gate.py`, torchtitan's modules with the pure-torch delta rule on CPU).
 
-Text-only: the vision tower's tensors are left out and each is named in the report (`set_aside` finding); the
+Text-only: a checkpoint's vision tower is refused by name at planning unless `drop_vision_tower` is set, then
+its tensors are left out and each is named in the report (`set_aside` finding); the
 whole stream is held in memory (Qwen3.5 fuses several TorchTitan tensors into one HF tensor), which suits the
 sizes this branch is tested on; the streaming writer, the layer-wise gate and the mapping probe of the Qwen3 path
 are not used yet.
@@ -138,7 +139,8 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
                 raise MappingError(f"checkpoint keys `{canonical[titan_key]}` and `{checkpoint_key}` both name "
                                    f"`{titan_key}`", hint="the checkpoint mixes two models; re-save it")
             canonical[titan_key] = checkpoint_key
-        plan = qmap.plan_hf_text({k: tuple(meta.model[c].shape) for k, c in canonical.items()}, text_only=True)
+        plan = qmap.plan_hf_text({k: tuple(meta.model[c].shape) for k, c in canonical.items()},
+                                 text_only=options.drop_vision_tower)
         expected = _expected_hf_shapes(hf_fields)
     dtype_name = options.dtype or run.compute_dtype
     if dtype_name not in DTYPES:

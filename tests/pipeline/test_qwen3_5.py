@@ -358,7 +358,7 @@ def test_export_step_of_a_qwen3_5_run_is_verified_and_published(kind, tmp_path):
     from molgen_export.pipeline.export import export_step
 
     step_dir, job_config, config = _qwen3_5_run(tmp_path, kind == "moe")
-    options = ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32")
+    options = ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32", drop_vision_tower=True)
     planned = export_step(step_dir, ExportOptions(**{**options.__dict__, "dry_run": True}))
     assert planned.status == "planned" and not (tmp_path / "out").exists()
     layer_types = next(f for f in planned.findings if f["name"] == "layer_types")
@@ -386,7 +386,7 @@ def test_cli_dcp_path_exports_a_qwen3_5_step(tmp_path, capsys):
 
     step_dir, job_config, _ = _qwen3_5_run(tmp_path, moe=True)
     code = main(["--dcp-path", str(step_dir), "--config", str(job_config), "--output", str(tmp_path / "out"),
-                 "--dtype", "bfloat16"])
+                 "--dtype", "bfloat16", "--drop-vision-tower"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "step-2" in out and "bf16" in out
@@ -400,8 +400,30 @@ def test_a_non_zero_expert_bias_is_refused_by_name(tmp_path):
 
     step_dir, job_config, _ = _qwen3_5_run(tmp_path, moe=True, expert_bias=0.5)
     with pytest.raises(VerificationError, match=r"expert_bias"):
-        export_step(step_dir, ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32"))
+        export_step(step_dir, ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32",
+                                            drop_vision_tower=True))
     assert not (tmp_path / "out" / "step-2-hf").exists()
+
+
+def test_a_vision_tower_is_refused_by_name_at_planning_unless_dropped(tmp_path):
+    """TorchTitan's qwen3_5 always has a vision tower; the text export refuses it by name (dry run included, nothing
+    written) and leaves it out, each key named, only when told to."""
+    from molgen_export.options import ExportOptions
+    from molgen_export.pipeline.export import export_step
+
+    step_dir, job_config, _ = _qwen3_5_run(tmp_path, moe=False)
+    options = ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32")
+    for dry_run in (True, False):
+        with pytest.raises(MappingError, match=r"\d+ vision-tower tensor\(s\): vision_encoder\.") as caught:
+            export_step(step_dir, ExportOptions(**{**options.__dict__, "dry_run": dry_run}))
+        vision = caught.value.titan_keys
+        assert len(vision) > qmap.VISION_KEYS_SHOWN and all(k.startswith("vision_encoder.") for k in vision)
+        assert f"and {len(vision) - qmap.VISION_KEYS_SHOWN} more" in str(caught.value)
+        assert "Qwen3_5ForConditionalGeneration" in str(caught.value) and "--drop-vision-tower" in caught.value.hint
+        assert not (tmp_path / "out").exists()
+    planned = export_step(step_dir, ExportOptions(**{**options.__dict__, "dry_run": True, "drop_vision_tower": True}))
+    set_aside = next(f for f in planned.findings if f["name"] == "set_aside")["detail"]
+    assert planned.status == "planned" and all(k in set_aside for k in vision)
 
 
 def test_distributed_export_of_a_qwen3_5_run_is_refused_with_the_fix(tmp_path):
@@ -440,6 +462,7 @@ def test_a_run_config_that_does_not_fit_the_checkpoint_is_refused(tmp_path):
     job["model_spec"]["model"] = reference._render(_tiny_config(False, vocab=config.vocab_size))
     job_config.write_text(json.dumps(job))
     with pytest.raises(VerificationError) as caught:
-        export_step(step_dir, ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32"))
+        export_step(step_dir, ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32",
+                                            drop_vision_tower=True))
     failed = {f.name for f in caught.value.findings if not f.ok}
     assert "key_coverage" in failed and not (tmp_path / "out").exists()
