@@ -34,7 +34,13 @@ from molgen_export.pipeline import qwen3_5_stream
 from molgen_export.pipeline.plan import DTYPES
 from molgen_export.pipeline.report import REPORT_FILE, ExportReport
 from molgen_export.pipeline.timing import Timer
-from molgen_export.verify import checks, logit_gate, qwen3_5_gate, qwen3_5_reference
+from molgen_export.verify import (
+    checks,
+    logit_gate,
+    qwen3_5_gate,
+    qwen3_5_probe,
+    qwen3_5_reference,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +238,18 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
                 "logits", r.passed, f"max|Δ| {r.max_abs_diff:.3g} (limit {r.tolerance:.3g}), top-1 agreement "
                                     f"{r.top1_agreement:.4f} over {r.tokens} tokens ({r.mode}){where}; torchtitan's "
                                     f"qwen3_5 modules with the delta rule of {fidelity.delta_rule_op}"))
+            check_cancel(cancel, "mapping probe")
+            with timer.stage("verify_probe"):
+                figures = qwen3_5_probe.run_probe(titan_config, hf_config, export_dtype, tolerance=tolerance,
+                                                  whole=r.mode == "whole", device=options.device)
+            report.fidelity["probe"] = figures
+            experts = f", {figures['experts']} experts" if figures["experts"] else ""
+            findings.append(checks.Finding(
+                "mapping_probe", figures["passed"],
+                f"random weights (norms in [0.25, 2.5]) through the same map, layers {figures['layers']}, "
+                f"{figures['vocab']} vocab rows{experts}: "
+                f"max|Δ| {figures['max_abs_diff']:.3g} (limit {figures['tolerance']:.3g}), "
+                f"top-1 {figures['top1_agreement']:.4f}"))
         report.findings = [f.to_json() for f in findings]
         checks.raise_on_failures(findings, meta.label)
         report.output_bytes = sum((temp_dir / name).stat().st_size for name in files)

@@ -367,6 +367,8 @@ def test_export_step_of_a_qwen3_5_run_is_verified_and_published(kind, tmp_path):
     report = export_step(step_dir, options)
     assert report.status == "exported" and report.written
     assert report.fidelity["passed"] and report.fidelity["top1_agreement"] == 1.0
+    assert report.fidelity["mode"] == "whole"  # small models keep the whole-model gate
+    assert report.fidelity["probe"]["passed"] and report.fidelity["probe"]["layers"] == [0, 1, 2, 3]
     assert report.fidelity["delta_rule_op"] == ref.DELTA_RULE_OP
     assert any("vision-tower" in w for w in report.warnings)
     assert any("hidden_size: base 4096, run 64" in w for w in report.warnings)

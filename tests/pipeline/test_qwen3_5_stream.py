@@ -221,6 +221,7 @@ def test_layerwise_gate_passes_a_good_export_and_names_the_first_corrupted_layer
     assert report.verify_bytes_read > 0  # the reference read the checkpoint again
     logits = next(f for f in report.findings if f["name"] == "logits")
     assert "(layerwise)" in logits["detail"]
+    assert fidelity["probe"]["passed"] and fidelity["probe"]["layers"] == [0, 1]  # one layer of each kind
 
     # layer 2 (Gated DeltaNet) corrupted in the written files: layers 0 and 1 still agree, layer 2 is named
     hf_dir = Path(report.output_dir)
@@ -275,3 +276,37 @@ def test_layerwise_gate_refuses_the_030_adapter_expert_layout(tmp_path, monkeypa
     with pytest.raises(VerificationError, match=r"first divergence: layer 0") as caught:
         qwen3_5_gate.require_passed(refused, tmp_path / "adapter")
     assert "expert layout" in caught.value.hint
+
+
+def test_mapping_probe_catches_a_norm_swap_the_checkpoint_hides(tmp_path, monkeypatch):
+    """An untrained run has every q_norm equal to its k_norm: a map that swaps them passes the logit gate on the
+    checkpoint's weights, and the probe (random weights through the same map) refuses the export, nothing
+    published. The right map passes both."""
+    import tests.pipeline.test_qwen3_5 as tiny
+    from molgen_export.errors import VerificationError
+    from molgen_export.options import ExportOptions
+    from molgen_export.pipeline.export import export_step
+
+    def untrained(config):
+        torch.manual_seed(0)
+        return {k: v.detach().clone() for k, v in ref.build_reference_model(config).state_dict().items()}
+
+    monkeypatch.setattr(tiny, "_train_two_steps", untrained)
+    step_dir, job_config, _ = _qwen3_5_run(tmp_path, moe=False)
+    meta = read.read_step_metadata(step_dir)
+    assert torch.equal(meta.read("layers.1.attn.q_norm.weight"), meta.read("layers.1.attn.k_norm.weight"))
+    options = ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32", drop_vision_tower=True)
+
+    good = export_step(step_dir, options)
+    probe = good.fidelity["probe"]
+    assert good.status == "exported" and probe["passed"] and probe["layers"] == [0, 1, 2, 3]
+
+    swap = {"model.layers.{}.self_attn.q_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+            "model.layers.{}.self_attn.k_norm.weight": "model.layers.{}.self_attn.q_norm.weight"}
+    monkeypatch.setattr(qmap, "_RENAME_RES", tuple((p, swap.get(h, h)) for p, h in qmap._RENAME_RES))
+    with pytest.raises(VerificationError) as caught:
+        export_step(step_dir, ExportOptions(**{**options.__dict__, "output": tmp_path / "swapped"}))
+    failed = {f.name: f for f in caught.value.findings}  # the failed findings only
+    assert list(failed) == ["mapping_probe"]  # the logit gate passed: the checkpoint cannot tell q_norm from k_norm
+    assert "random weights" in failed["mapping_probe"].detail
+    assert not (tmp_path / "swapped" / "step-2-hf").exists()
