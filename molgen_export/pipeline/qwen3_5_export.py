@@ -4,10 +4,14 @@ with Qwen3.5's own map (`mapping/qwen3_5.py`), config (`mapping/qwen3_5_config.p
 (`verify/qwen3_5_gate.py`, torchtitan's modules with the pure-torch delta rule on CPU).
 
 Text-only: a checkpoint's vision tower is refused by name at planning unless `drop_vision_tower` is set, then
-its tensors are left out and each is named in the report (`set_aside` finding); the
-whole stream is held in memory (Qwen3.5 fuses several TorchTitan tensors into one HF tensor), which suits the
-sizes this branch is tested on; the streaming writer, the layer-wise gate and the mapping probe of the Qwen3 path
-are not used yet.
+its tensors are left out and each is named in the report (`set_aside` finding).
+
+Memory stays flat in the model's size, as on the Qwen3 path: the weights are streamed in row pieces, each part of
+a fused HF tensor (`in_proj_qkv`, `conv1d`, `gate_up_proj`) written straight to its place in the file
+(`qwen3_5_stream`); the logit gate reads the checkpoint again (`qwen3_5_stream.titan_weights`) and runs whole up to
+`verify.gate.WHOLE_MODEL_MAX_PARAMS` parameters, layer by layer above (`verify/qwen3_5_layerwise.py`); then the
+mapping probe (`verify/qwen3_5_probe.py`) runs the same map on random weights. Not for Qwen3.5 yet: the
+distributed export.
 """
 
 from __future__ import annotations
