@@ -55,14 +55,6 @@ def planned_tensors(plan: qmap.Qwen35Plan, dtype: torch.dtype) -> list[safetenso
     return [safetensors_writer.PlannedTensor(t.hf_key, tuple(t.shape), dtype) for t in plan.tensors]
 
 
-def _layer_order(entry: qmap.HfTensor) -> tuple[int, str]:
-    """Layer by layer (the non-layer tensors first), so a layer's parts are read together."""
-    parts = entry.hf_key.split(".")
-    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2]), entry.hf_key
-    return -1, entry.hf_key
-
-
 def stream_text_model(source: TensorSource, canonical: dict[str, str], plan: qmap.Qwen35Plan, dtype: torch.dtype,
                       open_writer: Callable[[list[safetensors_writer.PlannedTensor]],
                                             safetensors_writer.SafetensorsWriter],
@@ -96,7 +88,7 @@ def stream_text_model(source: TensorSource, canonical: dict[str, str], plan: qma
     shapes = {t.hf_key: t.shape for t in plan.tensors}
     # (checkpoint key of a part) -> (HF tensor, concat dim, offset of the part along that dim)
     targets: list[tuple[str, str, int | None, int]] = []
-    for entry in sorted(plan.tensors, key=_layer_order):
+    for entry in plan.tensors:
         offset = 0
         for titan_key in entry.titan_keys:
             targets.append((canonical[titan_key], entry.hf_key, entry.concat_dim, offset))
@@ -105,7 +97,8 @@ def stream_text_model(source: TensorSource, canonical: dict[str, str], plan: qma
     began = time.perf_counter()
     try:
         with weight_stream.torch_threads(1):
-            groups = stream.plan_requests(source, [t[0] for t in targets], piece_bytes)
+            # in the order the bytes lie on disk: every piece lands at its own offset, so the order is free
+            groups = stream.plan_requests(source, stream.disk_order(source, [t[0] for t in targets]), piece_bytes)
             where = {t[0]: t[1:] for t in targets}
             with closing(stream.stream_pieces(source, groups, counter, piece_bytes=piece_bytes, stats=stats,
                                               buffers=buffers, cancel=cancel)) as pieces:

@@ -49,8 +49,12 @@ def _real_titan_block(block: torch.nn.Module, prefix: str, titan: WeightSource, 
     for module in block.modules():
         if isinstance(module, RoPE):
             module.init_states(buffer_device=torch.device(device))
-    state = block.state_dict()
-    targets = {name: torch.empty(t.shape, dtype=torch.float32, device=device) for name, t in state.items()}
+    state = block.state_dict(keep_vars=True)
+    owned = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+    in_place = all(name in owned and state[name] is owned[name] for name in state)
+    # the block's own tensors are filled in place (one copy of the layer); else copies, loaded strictly
+    targets = ({name: owned[name].data for name in state} if in_place else
+               {name: torch.empty(t.shape, dtype=torch.float32, device=device) for name, t in state.items()})
     missing = [prefix + n for n in targets if prefix + n not in available and not n.endswith(_ZERO_FILLED)]
     if missing:
         raise VerificationError(f"the checkpoint lacks {', '.join(missing[:4])}, which torchtitan's qwen3_5 block "
@@ -59,7 +63,8 @@ def _real_titan_block(block: torch.nn.Module, prefix: str, titan: WeightSource, 
     for name in [n for n in targets if prefix + n not in available]:
         targets[name].zero_()
     titan.fill({prefix + name: t for name, t in targets.items() if prefix + name in available})
-    block.load_state_dict(targets, strict=True)  # the RoPE cache is a non-persistent buffer, made above
+    if not in_place:
+        block.load_state_dict(targets, strict=True)  # the RoPE cache is a non-persistent buffer, made above
     if pure_torch:
         qwen3_5_reference.use_pure_torch_delta_rule(block)
     if getattr(block, "moe_enabled", False):
