@@ -1,8 +1,6 @@
 """`python -m molgen_export ...`: the command line (see molgen_export.cli)."""
 
-import sys
-
-from molgen_export.cli import main
+from molgen_export.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

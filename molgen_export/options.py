@@ -87,6 +87,9 @@ class ExportOptions:
     threads: int | None = None
     """torch intra-op threads for the export (unset: torch's own default)."""
 
+    reader_threads: int = 2
+    """Threads reading the checkpoint's pieces ahead of the writer (two keep 2 cores busy; a fast NVMe wants more)."""
+
     extra: dict = field(default_factory=dict)
     """Free-form values recorded in the report (e.g. who started the export)."""
 
@@ -99,6 +102,8 @@ class ExportOptions:
             raise UsageError(f"unknown device {self.device!r}", hint="use cpu or cuda")
         if self.logits_atol <= 0:
             raise UsageError("logits_atol must be positive")
+        if self.reader_threads < 1:
+            raise UsageError(f"reader_threads must be at least 1, got {self.reader_threads}")
         parse_size(self.max_shard_size)
         for name in ("output", "config", "hf_assets"):
             value = getattr(self, name)

@@ -2,20 +2,23 @@
 
 Builds (once, in --workdir) a checkpoint with real Qwen3 shapes for a flavor and made-up weights, laid out the
 way TorchTitan saves it (model FQNs, then the flattened AdamW state, scheduler, dataloader and train state,
-one `dcp.save` so one `.metadata`), then times in the same run, alternating A B C A B C:
+one `dcp.save` so one `.metadata`), then times in the same run, alternating A [V] [T] B C per round:
 
   A  the export (`python -m molgen_export ... --skip-logits`), as a subprocess;
-  B  a plain streaming read-cast-write of the same model bytes (one thread, 64 MB reads with the next block
-     hinted to the kernel, reused buffers, one output file, fsync), as a subprocess: "disk speed";
-  C  `cp -r` of the step folder (no sync: the kernel may still hold dirty pages when it returns).
+  V  with --verify, the default verified export (logit check on);
+  T  with --reader-threads 1,2,4, the export A with each reader thread count;
+  B  the streaming reference: a minimal read-cast-write of the same model bytes (one thread, 64 MB reads with
+     the next block hinted to the kernel, reused buffers, one output file, fsync), as a subprocess, then `sync`;
+  C  `cp -r` of the step folder, then `sync` (timed apart: cp returns with the dirty pages the export fsyncs).
 
-The page cache is dropped before each run when permitted. Peak RSS comes from `os.wait4`. With --verify, one
-more export with the logit check on measures what verification adds. Prints a Markdown table and writes
+The page cache is dropped before each run when permitted. Peak RSS comes from `os.wait4`. Prints the
+contenders side by side and the ratios the targets are stated in (docs/PERFORMANCE.md) and writes
 `results-<flavor>.json` in the workdir.
 
     python scripts/bench_export.py --flavor 0.6B --workdir /tmp/bench
     python scripts/bench_export.py --flavor 1.7B --workdir /tmp/bench --verify
     python scripts/bench_export.py --flavor 8B --model-only --dtype bfloat16 --workdir /tmp/bench
+    python scripts/bench_export.py --flavor 0.6B --workdir /tmp/bench --reader-threads 1,2,4
     python scripts/bench_export.py --flavor tiny --workdir /tmp/bench-smoke --repeats 1   # seconds; CI smoke
 """
 
@@ -290,7 +293,8 @@ def run_measured(command: list[str], env: dict | None = None) -> dict:
             "stdout": b"".join(chunks["out"]).decode(), "stderr": b"".join(chunks["err"]).decode()[-4000:]}
 
 
-def run_export(step_dir: Path, out_root: Path, *, verify: bool, dtype: str | None) -> dict:
+def run_export(step_dir: Path, out_root: Path, *, verify: bool, dtype: str | None,
+               reader_threads: int | None = None) -> dict:
     if out_root.exists():
         shutil.rmtree(out_root)
     command = [sys.executable, "-m", "molgen_export", "--dcp-path", str(step_dir), "--output", str(out_root),
@@ -299,6 +303,8 @@ def run_export(step_dir: Path, out_root: Path, *, verify: bool, dtype: str | Non
         command.append("--skip-logits")
     if dtype:
         command += ["--dtype", dtype]
+    if reader_threads:
+        command += ["--reader-threads", str(reader_threads)]
     result = run_measured(command)
     if result["returncode"] != 0:
         raise SystemExit(f"export failed ({result['returncode']}):\n{result['stderr']}")
@@ -347,16 +353,27 @@ def run_baseline(plan_file: Path, target: Path, dtype: str) -> dict:
     result = run_measured([sys.executable, "-c", BASELINE, str(plan_file), str(target), dtype])
     if result["returncode"] != 0:
         raise SystemExit(f"baseline copy failed:\n{result['stderr']}")
+    result["sync_s"] = timed_sync()
+    result["wall_sync_s"] = result["wall_s"] + result["sync_s"]
     result["output_bytes"] = target.stat().st_size
     target.unlink()
     result.pop("stdout")
     return result
 
 
+def timed_sync() -> float:
+    """Seconds a `sync` takes right after a run: what the run left for the kernel to write."""
+    started = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - started
+
+
 def run_cp(step_dir: Path, target: Path) -> dict:
     if target.exists():
         shutil.rmtree(target)
     result = run_measured(["cp", "-r", str(step_dir), str(target)])
+    result["sync_s"] = timed_sync()  # cp returns with dirty pages the export would have fsynced
+    result["wall_sync_s"] = result["wall_s"] + result["sync_s"]
     result.pop("stdout")
     shutil.rmtree(target)
     return result
@@ -374,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="checkpoint dtype of the model tensors")
     parser.add_argument("--export-dtype", default="bfloat16", help="export dtype")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of A B C")
-    parser.add_argument("--verify", action="store_true", help="also time one export with the logit check on")
+    parser.add_argument("--verify", action="store_true", help="also time the export with the logit check on, "
+                                                               "each round")
     parser.add_argument("--no-cp", action="store_true", help="skip the cp -r runs")
+    parser.add_argument("--reader-threads", default="",
+                        help="also time the export with each of these reader thread counts, e.g. 1,2,4")
     parser.add_argument("--warm", action="store_true",
                         help="also time an export in a process that already exported once (a watcher's cost)")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint afterwards")
@@ -402,31 +422,45 @@ def main(argv: list[str] | None = None) -> int:
     log(f"step folder {step_bytes / 1e9:.2f} GB, model bytes {model_bytes / 1e9:.2f} GB; page cache "
         f"{'dropped before each run' if dropped else 'NOT dropped (not permitted)'}")
 
-    runs: dict[str, list[dict]] = {"export": [], "warm": [], "copy": [], "cp": []}
+    runs: dict[str, list[dict]] = {"export": [], "verified": [], "warm": [], "copy": [], "cp": []}
+    threads = [int(t) for t in args.reader_threads.split(",")] if args.reader_threads else []
+    runs.update({f"threads-{n}": [] for n in threads})
     for round_index in range(args.repeats):
+        # alternate the contenders within each round, so that the machine's load moves them alike
         drop_caches()
         runs["export"].append(run_export(step_dir, workdir / "out-export", verify=False, dtype=args.export_dtype))
-        log(f"round {round_index + 1}: export {runs['export'][-1]['wall_s']:.2f} s, "
+        runs["export"][-1]["wall_sync_s"] = runs["export"][-1]["wall_s"] + timed_sync()
+        log(f"round {round_index + 1}: export --skip-logits {runs['export'][-1]['wall_s']:.2f} s, "
             f"{runs['export'][-1]['peak_rss_mb']:.0f} MB")
+        if args.verify:
+            drop_caches()
+            runs["verified"].append(run_export(step_dir, workdir / "out-verify", verify=True, dtype=args.export_dtype))
+            log(f"round {round_index + 1}: verified export {runs['verified'][-1]['wall_s']:.2f} s, "
+                f"{runs['verified'][-1]['peak_rss_mb']:.0f} MB")
+        for n in threads:
+            drop_caches()
+            runs[f"threads-{n}"].append(run_export(step_dir, workdir / "out-threads", verify=False,
+                                                   dtype=args.export_dtype, reader_threads=n))
+            log(f"round {round_index + 1}: export --skip-logits --reader-threads {n} "
+                f"{runs[f'threads-{n}'][-1]['wall_s']:.2f} s")
         if args.warm:
             runs["warm"].append(run_warm(step_dir, workdir / "out-warm", args.export_dtype))
             log(f"round {round_index + 1}: export in a warm process {runs['warm'][-1]['export_s']:.2f} s")
         drop_caches()
         runs["copy"].append(run_baseline(plan_file, workdir / "out-copy.bin", args.export_dtype))
-        log(f"round {round_index + 1}: streaming copy {runs['copy'][-1]['wall_s']:.2f} s")
+        log(f"round {round_index + 1}: streaming reference {runs['copy'][-1]['wall_s']:.2f} s "
+            f"(+ sync {runs['copy'][-1]['sync_s']:.2f} s)")
         if not args.no_cp:
             drop_caches()
             runs["cp"].append(run_cp(step_dir, workdir / "out-cp"))
-            log(f"round {round_index + 1}: cp -r {runs['cp'][-1]['wall_s']:.2f} s")
-    verify_run = None
-    if args.verify:
-        drop_caches()
-        verify_run = run_export(step_dir, workdir / "out-verify", verify=True, dtype=args.export_dtype)
-        log(f"verified export {verify_run['wall_s']:.2f} s, {verify_run['peak_rss_mb']:.0f} MB")
+            log(f"round {round_index + 1}: cp -r {runs['cp'][-1]['wall_s']:.2f} s "
+                f"(+ sync {runs['cp'][-1]['sync_s']:.2f} s)")
 
     export_wall = median(runs["export"], "wall_s")
     copy_wall = median(runs["copy"], "wall_s")
+    copy_sync = median(runs["copy"], "wall_sync_s")
     cp_wall = median(runs["cp"], "wall_s") if runs["cp"] else None
+    cp_sync = median(runs["cp"], "wall_sync_s") if runs["cp"] else None
     last = runs["export"][-1]
     summary = {
         "flavor": args.flavor, "model_only": args.model_only, "checkpoint_dtype": args.dtype,
@@ -443,20 +477,32 @@ def main(argv: list[str] | None = None) -> int:
         "export_timings": last["timings"],
         "export_gb_per_s": model_bytes / export_wall / 1e9,
         "copy_wall_s": copy_wall, "copy_walls": [r["wall_s"] for r in runs["copy"]],
+        "copy_wall_sync_s": copy_sync,
         "copy_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["copy"]),
         "copy_gb_per_s": model_bytes / copy_wall / 1e9,
-        "cp_wall_s": cp_wall, "cp_walls": [r["wall_s"] for r in runs["cp"]],
+        "cp_wall_s": cp_wall, "cp_walls": [r["wall_s"] for r in runs["cp"]], "cp_wall_sync_s": cp_sync,
         "ratio_vs_copy": export_wall / copy_wall,
+        "ratio_vs_copy_sync": export_wall / copy_sync,
         "warm_export_s": median(runs["warm"], "export_s") if runs["warm"] else None,
         "warm_exports_s": [r["export_s"] for r in runs["warm"]],
         "warm_ratio_vs_copy": median(runs["warm"], "export_s") / copy_wall if runs["warm"] else None,
         "ratio_vs_cp": export_wall / cp_wall if cp_wall else None,
+        "ratio_vs_cp_sync": export_wall / cp_sync if cp_sync else None,
+        "reader_threads": {n: {"wall_s": median(runs[f"threads-{n}"], "wall_s"),
+                               "walls": [r["wall_s"] for r in runs[f"threads-{n}"]],
+                               "read_io_s": median([r["timings"] for r in runs[f"threads-{n}"]], "stream.read_io"),
+                               "read_wait_s": median([r["timings"] for r in runs[f"threads-{n}"]], "stream.read_wait")}
+                           for n in threads},
     }
-    if verify_run is not None:
-        verify_s = verify_run["timings"].get("verify_logits", 0.0)
-        summary.update(verify_wall_s=verify_run["wall_s"], verify_peak_rss_mb=verify_run["peak_rss_mb"],
-                       verify_logits_s=verify_s, verify_ratio=verify_s / max(1e-9, verify_run["wall_s"] - verify_s),
-                       verify_timings=verify_run["timings"], fidelity=verify_run["fidelity"])
+    if runs["verified"]:
+        verified = runs["verified"]
+        verify_wall = median(verified, "wall_s")
+        verify_s = statistics.median(r["timings"].get("verify_logits", 0.0) for r in verified)
+        summary.update(verify_wall_s=verify_wall, verify_walls=[r["wall_s"] for r in verified],
+                       verify_peak_rss_mb=max(r["peak_rss_mb"] for r in verified),
+                       verify_logits_s=verify_s, verify_ratio=verify_s / max(1e-9, verify_wall - verify_s),
+                       verified_over_skip=verify_wall / export_wall,
+                       verify_timings=verified[-1]["timings"], fidelity=verified[-1]["fidelity"])
     (workdir / f"results-{args.flavor}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(markdown(summary))
     if args.clean:
@@ -465,26 +511,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(s: dict) -> str:
-    """The summary as Markdown table rows."""
+    """The summary as Markdown: the contenders side by side, then the ratios the targets are stated in."""
     gb = 1e9
-    lines = ["| flavor | step folder | model bytes | bytes read | export (skip-logits) | peak RSS | "
-             "streaming copy | cp -r | export / copy | export / cp |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| {s['flavor']}{' model-only' if s['model_only'] else ''} {s['checkpoint_dtype']} | "
-             f"{s['step_bytes'] / gb:.2f} GB | {s['model_bytes'] / gb:.2f} GB | {s['bytes_read'] / gb:.2f} GB "
-             f"({s['read_ratio']:.3f}x) | {s['export_wall_s']:.2f} s ({s['export_gb_per_s']:.2f} GB/s) | "
-             f"{s['export_peak_rss_mb']:.0f} MB | {s['copy_wall_s']:.2f} s ({s['copy_gb_per_s']:.2f} GB/s) | "
-             + (f"{s['cp_wall_s']:.2f} s | " if s['cp_wall_s'] else "- | ")
-             + f"{s['ratio_vs_copy']:.2f} | " + (f"{s['ratio_vs_cp']:.2f} |" if s['ratio_vs_cp'] else "- |")]
-    if s.get("warm_export_s"):
-        lines += ["", f"Export in a warm process (imports done, as in a watcher): {s['warm_export_s']:.2f} s, "
-                      f"{s['warm_export_s'] / s['copy_wall_s']:.2f}x the streaming copy."]
+    case = f"{s['flavor']}{' model-only' if s['model_only'] else ''} {s['checkpoint_dtype']} -> {s['export_dtype']}"
+    verified = (f"{s['verify_wall_s']:.2f} s, {s['verify_peak_rss_mb']:.0f} MB" if "verify_wall_s" in s else "-")
+    cp = f"{s['cp_wall_s']:.2f} s ({s['cp_wall_sync_s']:.2f} s with sync)" if s["cp_wall_s"] else "-"
+    lines = ["| case | step folder | model bytes (read) | molgen `--skip-logits` | molgen verified | "
+             "streaming reference | `cp -r` |",
+             "|---|---|---|---|---|---|---|",
+             f"| {case} | {s['step_bytes'] / gb:.2f} GB | {s['model_bytes'] / gb:.2f} GB ({s['read_ratio']:.4f}x) | "
+             f"{s['export_wall_s']:.2f} s, {s['export_peak_rss_mb']:.0f} MB | {verified} | "
+             f"{s['copy_wall_s']:.2f} s ({s['copy_wall_sync_s']:.2f} s with sync), {s['copy_peak_rss_mb']:.0f} MB | "
+             f"{cp} |",
+             "", "| ratio | value |", "|---|---|",
+             f"| skip-logits / streaming reference with sync | {s['ratio_vs_copy_sync']:.2f} |",
+             f"| skip-logits / streaming reference | {s['ratio_vs_copy']:.2f} |"]
+    if s["cp_wall_s"]:
+        lines += [f"| skip-logits / (`cp -r` + sync) | {s['ratio_vs_cp_sync']:.2f} |",
+                  f"| skip-logits / `cp -r` | {s['ratio_vs_cp']:.2f} |"]
     if "verify_wall_s" in s:
-        lines += ["", "| flavor | export with logit check | peak RSS | verify_logits | verify / rest of export | "
-                      "max abs logit diff | mode |", "|---|---|---|---|---|---|---|",
-                  f"| {s['flavor']} | {s['verify_wall_s']:.2f} s | {s['verify_peak_rss_mb']:.0f} MB | "
-                  f"{s['verify_logits_s']:.2f} s | {s['verify_ratio']:.2f} | "
-                  f"{s['fidelity']['max_abs_diff']:.3g} | {s['fidelity'].get('mode')} |"]
+        lines += [f"| verified / skip-logits | {s['verified_over_skip']:.2f} |",
+                  f"| verify_logits / rest of the verified export | {s['verify_ratio']:.2f} |"]
+    if s.get("warm_export_s"):
+        lines += [f"| warm process (imports done) / streaming reference | {s['warm_ratio_vs_copy']:.2f} |"]
+    if s.get("reader_threads"):
+        lines += ["", "| reader threads | skip-logits wall | readers in reads | writer waiting for data |",
+                  "|---|---|---|---|"]
+        lines += [f"| {n} | {t['wall_s']:.2f} s | {t['read_io_s']:.2f} s | {t['read_wait_s']:.2f} s |"
+                  for n, t in s["reader_threads"].items()]
+    if "fidelity" in s:
+        lines += ["", f"Verified export: max abs logit diff {s['fidelity']['max_abs_diff']:.3g}, mode "
+                      f"{s['fidelity'].get('mode')}, verify_logits {s['verify_logits_s']:.2f} s."]
     return "\n".join(lines)
 
 

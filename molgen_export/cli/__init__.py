@@ -2,6 +2,6 @@
 group (`export`, `demo`, `preflight`, `watch`, `report`, `convert`, `eval`) and `flags`, what they share with the
 runner and the integrations (flags generated from the options dataclasses, logging, exit codes)."""
 
-from molgen_export.cli.commands import main
+from molgen_export.cli.commands import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

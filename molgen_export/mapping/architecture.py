@@ -178,12 +178,14 @@ def facts_from_shapes(shapes: dict[str, tuple[int, ...]]) -> ShapeFacts:
                       moe_hidden_dim=experts[1] if experts else None, moe_layers=moe_layers)
 
 
-def resolve_architecture(run: RunConfig, facts: ShapeFacts, base_hf_config: dict) -> tuple[Qwen3Arch, list[str]]:
+def resolve_architecture(run: RunConfig, facts: ShapeFacts, base_hf_config: dict, *,
+                         registry: bool = True) -> tuple[Qwen3Arch, list[str]]:
     """Settle every architecture field and check each against the checkpoint's shapes.
 
     Order of sources: run config dims, flavor registry, base assets config.json. A source contradicting
     the shapes is refused naming the field; disagreements the shapes cannot settle (rope theta, norm eps)
-    go to the run config and come back as warnings.
+    go to the run config and come back as warnings. `registry=False` leaves the flavor registry out (it imports
+    torchtitan's model code): the dry run of a run whose config states its own dims.
 
     Returns:
         The architecture and the warnings to record in the report.
@@ -203,7 +205,7 @@ def resolve_architecture(run: RunConfig, facts: ShapeFacts, base_hf_config: dict
     if run.dims.dim is not None:
         sources.append((f"run config {run.source.name}", run.dims))
     flavor_dims = dims_from_flavor(run.model_name, run.flavor, custom_import=run.custom_import,
-                                   launch_dir=run.launch_dir)
+                                   launch_dir=run.launch_dir) if registry or run.dims.dim is None else None
     if flavor_dims is not None:
         sources.append((f"torchtitan flavor {run.flavor!r}", flavor_dims))
     base_dims = dims_from_hf_config(base_hf_config)

@@ -183,6 +183,63 @@ def expected_hf_keys(n_layers: int, *, with_head: bool, moe_layers: tuple[int, .
     return keys
 
 
+_LAYER = r"^layers\.(\d+)\."
+HF_NAME_TABLE: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"^tok_embeddings\.weight$"), "model.embed_tokens.weight"),
+    (re.compile(r"^norm\.weight$"), "model.norm.weight"),
+    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
+    (re.compile(_LAYER + r"attention\.qkv_linear\.wq\.weight$"), "model.layers.{0}.self_attn.q_proj.weight"),
+    (re.compile(_LAYER + r"attention\.qkv_linear\.wk\.weight$"), "model.layers.{0}.self_attn.k_proj.weight"),
+    (re.compile(_LAYER + r"attention\.qkv_linear\.wv\.weight$"), "model.layers.{0}.self_attn.v_proj.weight"),
+    (re.compile(_LAYER + r"attention\.wo\.weight$"), "model.layers.{0}.self_attn.o_proj.weight"),
+    (re.compile(_LAYER + r"attention\.q_norm\.weight$"), "model.layers.{0}.self_attn.q_norm.weight"),
+    (re.compile(_LAYER + r"attention\.k_norm\.weight$"), "model.layers.{0}.self_attn.k_norm.weight"),
+    (re.compile(_LAYER + r"attention_norm\.weight$"), "model.layers.{0}.input_layernorm.weight"),
+    (re.compile(_LAYER + r"ffn_norm\.weight$"), "model.layers.{0}.post_attention_layernorm.weight"),
+    (re.compile(_LAYER + r"feed_forward\.w1\.weight$"), "model.layers.{0}.mlp.gate_proj.weight"),
+    (re.compile(_LAYER + r"feed_forward\.w2\.weight$"), "model.layers.{0}.mlp.down_proj.weight"),
+    (re.compile(_LAYER + r"feed_forward\.w3\.weight$"), "model.layers.{0}.mlp.up_proj.weight"),
+    (re.compile(_LAYER + r"moe\.router\.gate\.weight$"), "model.layers.{0}.mlp.gate.weight"),
+    (re.compile(_LAYER + r"moe\.routed_experts\.inner_experts\.w1_EFD#(\d+)$"),
+     "model.layers.{0}.mlp.experts.{1}.gate_proj.weight"),
+    (re.compile(_LAYER + r"moe\.routed_experts\.inner_experts\.w2_EDF#(\d+)$"),
+     "model.layers.{0}.mlp.experts.{1}.down_proj.weight"),
+    (re.compile(_LAYER + r"moe\.routed_experts\.inner_experts\.w3_EFD#(\d+)$"),
+     "model.layers.{0}.mlp.experts.{1}.up_proj.weight"),
+)
+"""Canonical TorchTitan key -> HF Qwen3 / Qwen3-MoE name: the names torchtitan's `Qwen3StateDictAdapter` gives
+(0.2.1 and 0.3; `tests/mapping/test_titan_version.py` holds the two equal under each). Only the dry run maps with
+it, so that it need not import torchtitan's model code; the export asks the adapter itself (`map_to_hf`)."""
+
+
+def map_by_table(sources: dict[str, TensorSource]) -> dict[str, str]:
+    """HF key for every canonical TorchTitan key, from `HF_NAME_TABLE`, without importing torchtitan.
+
+    Raises:
+        MappingError: a key the table does not name, naming every such key (as `map_to_hf`).
+    """
+    mapping: dict[str, str] = {}
+    unmapped: list[str] = []
+    for titan_key, source in sources.items():
+        for pattern, template in HF_NAME_TABLE:
+            found = pattern.match(titan_key)
+            if found:
+                mapping[titan_key] = template.format(*found.groups())
+                break
+        else:
+            unmapped.append(f"{source.checkpoint_key} (as {titan_key})")
+    _refuse_unmapped(unmapped)
+    return mapping
+
+
+def _refuse_unmapped(unmapped: list[str]) -> None:
+    if unmapped:
+        raise MappingError(f"{len(unmapped)} checkpoint tensor(s) map to no HF Qwen3 parameter: "
+                           + ", ".join(sorted(unmapped)[:10]) + (" ..." if len(unmapped) > 10 else ""),
+                           hint="the checkpoint holds tensors a dense Qwen3 does not have (another model family, "
+                                "or an unsupported TorchTitan layout); nothing was written")
+
+
 def map_to_hf(sources: dict[str, TensorSource], titan_model_config) -> dict[str, str]:
     """HF key for every canonical TorchTitan key, through torchtitan's `Qwen3StateDictAdapter`.
 
@@ -228,9 +285,5 @@ def map_to_hf(sources: dict[str, TensorSource], titan_model_config) -> dict[str,
             continue
         (hf_key,) = produced
         mapping[titan_key] = hf_key
-    if unmapped:
-        raise MappingError(f"{len(unmapped)} checkpoint tensor(s) map to no HF Qwen3 parameter: "
-                           + ", ".join(sorted(unmapped)[:10]) + (" ..." if len(unmapped) > 10 else ""),
-                           hint="the checkpoint holds tensors a dense Qwen3 does not have (another model family, "
-                                "or an unsupported TorchTitan layout); nothing was written")
+    _refuse_unmapped(unmapped)
     return mapping

@@ -49,6 +49,24 @@ def installed_version() -> str | None:
         return None
 
 
+def import_in_background() -> None:
+    """Start importing the installed torchtitan's model code (`installed`) on a daemon thread and return at once.
+
+    Its ~2 s of imports (the model code pulls in dynamo and inductor) then overlap the work that does not need
+    it: reading `.metadata`, planning, streaming the weights (whose reads and casts leave the interpreter lock
+    free). The next `installed()` call waits for it; an error there is raised there, not here.
+    """
+    import threading
+
+    def run() -> None:
+        try:
+            installed()
+        except Exception:  # raised again, with its message, by the caller's own installed()
+            installed.cache_clear()
+
+    threading.Thread(target=run, name="molgen-import-torchtitan", daemon=True).start()
+
+
 @functools.lru_cache(maxsize=1)
 def installed() -> Titan:
     """The installed torchtitan's API, chosen by its version.

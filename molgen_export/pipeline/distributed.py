@@ -169,7 +169,8 @@ def _write_shards(plan: ExportPlan, options: ExportOptions, temp_dir: Path, tie:
                 streamer = weight_stream.WeightStreamer(
                     plan.meta, {k: v for k, v in plan.sources.items() if plan.mapping[k] in my_keys},
                     plan.mapping, plan.export_dtype, plan.heads,
-                    lambda _planned: safetensors_writer.SafetensorsWriter(temp_dir, mine), counter)
+                    lambda _planned: safetensors_writer.SafetensorsWriter(temp_dir, mine), counter,
+                    readers=options.reader_threads)
                 outcome = streamer.stream_known_tie(tie)
                 outcome.writer.close(index=False)
                 result["nonfinite"] = outcome.nonfinite

@@ -11,6 +11,7 @@ One skeleton serves every tensor source: `export_source` (plan, metadata checks,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,8 @@ from molgen_export.verify import checks
 from molgen_export.dcp import read
 from molgen_export.dcp import discover
 from molgen_export.pipeline import weight_stream
-from molgen_export.pipeline.plan import DTYPES, ExportPlan, check_expert_bias, metadata_checks, plan_dcp_step  # noqa: F401
+from molgen_export.pipeline.plan import (DTYPES, ExportPlan, check_expert_bias, confirm_plan, metadata_checks,  # noqa: F401
+                                         plan_dcp_step)
 from molgen_export.pipeline.report import REPORT_FILE, ExportReport, model_card, options_record, versions  # noqa: F401
 from molgen_export.pipeline.timing import Timer
 from molgen_export.verify import gate, logit_gate
@@ -190,7 +192,7 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
 
     def plan_export(timer: Timer) -> ExportPlan:
         fingerprint = report.source_fingerprint = source_fingerprint(step_dir)  # counted in `total`, as planning is
-        return plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint)
+        return plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint, defer=True)
 
     return export_source(report, options, output_dir, plan_export, cancel=cancel, progress=progress)
 
@@ -311,7 +313,16 @@ def export_planned(plan: ExportPlan, output_dir: Path, *, options: ExportOptions
 
     def build(temp_dir: Path) -> None:
         written = write_weights(plan, temp_dir)
-        finish_export(plan, written, options=options, report=report, timer=timer, temp_dir=temp_dir, cancel=cancel)
+        settled, redo = confirm_plan(plan, report, timer)
+        if redo:  # torchtitan decided otherwise than the table: write again with its names
+            for leftover in temp_dir.iterdir():
+                leftover.unlink()
+            written = write_weights(settled, temp_dir)
+        elif settled is not plan:
+            written = dataclasses.replace(written, findings=[
+                _settled_finding(settled, f) for f in written.findings])
+        finish_export(settled, written, options=options, report=report, timer=timer, temp_dir=temp_dir,
+                      cancel=cancel)
         report.warnings.extend(written.report_notes)
 
     publish_step(plan, output_dir, build, options=options, report=report, timer=timer, started=started,
@@ -319,6 +330,13 @@ def export_planned(plan: ExportPlan, output_dir: Path, *, options: ExportOptions
     if report.status == "exported":
         logger.info("%s exported to %s in %.2f s", plan.meta.label, output_dir, report.timings["total"])
     return report
+
+
+def _settled_finding(plan: ExportPlan, finding: checks.Finding) -> checks.Finding:
+    """The run-settings finding of a settled plan in place of its deferred plan's (the others stay)."""
+    if finding.name != "run_settings":
+        return finding
+    return next(f for f in metadata_checks(plan, None) if f.name == "run_settings")
 
 
 def publish_step(key, output_dir: Path, build: Callable[[Path], None], *, options: ExportOptions,
@@ -405,7 +423,8 @@ def stream_weights(plan: ExportPlan, temp_dir: Path, *, options: ExportOptions, 
         checks.raise_on_failures(findings, plan.meta.label)
 
     streamer = weight_stream.WeightStreamer(plan.meta, plan.sources, plan.mapping, plan.export_dtype, heads,
-                                            open_writer, counter, cancel=cancel, progress=progress)
+                                            open_writer, counter, cancel=cancel, progress=progress,
+                                            readers=options.reader_threads)
     with timer.stage("stream"):
         outcome = streamer.stream(plan.arch.tie_word_embeddings, after_tie)
     writer = outcome.writer

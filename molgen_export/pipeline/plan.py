@@ -46,6 +46,9 @@ class ExportPlan:
     source_fingerprint: str = ""
     """The source's fingerprint (`export.source_fingerprint` of a step, `WeightsFolder.fingerprint`): an export is
     skipped only when this, the options that change the files and the assets match what the folder records."""
+    deferred: bool = False
+    """Planned without torchtitan's model code (names from `keymap.HF_NAME_TABLE`, the reference's fields decided
+    on the run's dict, no registry cross-check): `confirm_plan` must settle it before anything is published."""
 
     @property
     def export_dtype_name(self) -> str:
@@ -59,21 +62,41 @@ class ExportPlan:
 
 
 def plan_dcp_step(step_dir: Path, options: ExportOptions, report: ExportReport, timer: Timer, *,
-                  fingerprint: str = "") -> ExportPlan:
+                  fingerprint: str = "", defer: bool = False) -> ExportPlan:
     """Plan the export of a DCP step folder: read the run config and `.metadata` (the shards are prefetched
-    meanwhile unless it is a dry run), then `plan_source`."""
+    meanwhile unless it is a dry run), then `plan_source`.
+
+    With `defer` (an export in this process), torchtitan is imported on a thread while the plan is made and the
+    weights stream, and the plan leaves what needs it to `confirm_plan` (see `plan_source`).
+    """
     if not options.dry_run:  # the disk starts on the model bytes while we import and plan
         read.prefetch_step(step_dir)
     with timer.stage("config"):
         run = run_config.load_run_config(step_dir.parent, options.config)
     with timer.stage("metadata"):
         meta = read.read_step_metadata(step_dir)
-    return plan_source(meta, run, options, report, timer, fingerprint=fingerprint)
+    defer = defer and not options.dry_run and reference.can_decide_on_dict(run)
+    if defer:  # after `.metadata`, whose parse imports DCP: two threads never import the same modules at once
+        from molgen_export.mapping import titan
+
+        titan.import_in_background()
+    return plan_source(meta, run, options, report, timer, fingerprint=fingerprint, defer=defer)
+
+
+DRY_RUN_NOTE = ("dry run: each field decided on the run's dict and names from molgen's table of the adapter's "
+                "(torchtitan not imported); the export asks torchtitan's adapter and builds the verifier's model")
+DEFERRED_NOTE = ("planned on the run's dict and molgen's table of the adapter's names while torchtitan was imported, "
+                 "then confirmed with torchtitan's adapter and registry before publishing")
 
 
 def plan_source(meta: TensorSource, run: run_config.RunConfig, options: ExportOptions, report: ExportReport,
-                timer: Timer, *, fingerprint: str = "") -> ExportPlan:
+                timer: Timer, *, fingerprint: str = "", defer: bool = False) -> ExportPlan:
     """Decide everything about an export before reading tensor data.
+
+    A dry run, and with `defer` an export, of a run that carries its own model config (TorchTitan 0.3) import
+    none of torchtitan's model code here (~2 s of imports, most of a dry run): the reference's fields are decided
+    on the run's dict (every refusal still raised), names come from `keymap.HF_NAME_TABLE` (held equal to the
+    adapter's by the tests) and the flavor registry is not consulted; a deferred plan is settled by `confirm_plan`.
 
     Args:
         meta: the tensor source (`dcp.source.TensorSource`: a `read.StepMetadata` or a `WeightsFolder`).
@@ -116,14 +139,12 @@ def plan_source(meta: TensorSource, run: run_config.RunConfig, options: ExportOp
         model_shapes, buffers = keymap.split_training_buffers({k: e.shape for k, e in meta.model.items()})
         sources, rules = keymap.canonicalize_keys(model_shapes, n_heads=dims.n_heads,
                                                   n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim)
-        canonical_shapes = {s.grouped_key: tuple(meta.model[s.checkpoint_key].shape) if s.expert is not None else s.shape
-                            for s in sources.values()}
-        facts = architecture.facts_from_shapes(canonical_shapes)
-        arch, warnings = architecture.resolve_architecture(run, facts, base_config)
         fused = any(s.part is not None for s in sources.values())
-        ref = reference.build_reference(run, arch, checkpoint_fused_qkv=fused)
-        arch = dataclasses.replace(arch, rope_scaling=ref.rope_scaling)
-        mapping = keymap.map_to_hf(sources, arch.titan_model_config())
+        ref = None
+        if options.dry_run or defer:
+            ref = reference.dict_reference(run, checkpoint_fused_qkv=fused,
+                                           why=DRY_RUN_NOTE if options.dry_run else DEFERRED_NOTE)
+        arch, ref, mapping, warnings = _settle(meta, run, sources, base_config, fused, ref)
     report.key_rules = rules
     report.warnings.extend(warnings)
     report.architecture = asdict(arch)
@@ -143,7 +164,53 @@ def plan_source(meta: TensorSource, run: run_config.RunConfig, options: ExportOp
             f"{run.keep_latest_k}: TorchTitan counts `{meta.label}-hf` as a checkpoint (pattern step-(\\d+)), "
             "may delete it and may resume from it")
     return ExportPlan(meta, run, assets, sources, mapping, arch, base_config, DTYPES[dtype_name], tokenizer_files,
-                 tokenizer_size, buffers, ref, fingerprint)
+                      tokenizer_size, buffers, ref, fingerprint, deferred=ref.config is None and not options.dry_run)
+
+
+def _settle(meta: TensorSource, run: run_config.RunConfig, sources: dict[str, keymap.TensorSource],
+            base_config: dict, fused: bool, ref: reference.Reference | None):
+    """Architecture, reference, names and warnings: with torchtitan (`ref` None), or from a `dict_reference`
+    with the name table and no registry."""
+    canonical_shapes = {s.grouped_key: tuple(meta.model[s.checkpoint_key].shape) if s.expert is not None else s.shape
+                        for s in sources.values()}
+    facts = architecture.facts_from_shapes(canonical_shapes)
+    arch, warnings = architecture.resolve_architecture(run, facts, base_config, registry=ref is None)
+    if ref is None:
+        ref = reference.build_reference(run, arch, checkpoint_fused_qkv=fused)
+        arch = dataclasses.replace(arch, rope_scaling=ref.rope_scaling)
+        return arch, ref, keymap.map_to_hf(sources, arch.titan_model_config()), warnings
+    arch = dataclasses.replace(arch, rope_scaling=ref.rope_scaling)
+    return arch, ref, keymap.map_by_table(sources), warnings
+
+
+def confirm_plan(plan: ExportPlan, report: ExportReport, timer: Timer) -> tuple[ExportPlan, bool]:
+    """Settle a deferred plan with torchtitan: the registry cross-check, the whole reference (the verifier's model
+    config) and the adapter's names, exactly as a plan made with torchtitan would have them.
+
+    Returns:
+        The settled plan, and whether what was written from the deferred one must be written again (the adapter
+        or the registry decided differently from the table: never for the supported versions, which the tests
+        hold equal, but a later 0.3.x may rename).
+
+    Raises:
+        ConfigError, MappingError, DependencyError: as `plan_source` with torchtitan would have raised.
+    """
+    if not plan.deferred:
+        return plan, False
+    with timer.stage("confirm"):
+        fused = plan.reference.fused_qkv
+        arch, ref, mapping, warnings = _settle(plan.meta, plan.run, plan.sources, plan.base_config, fused, None)
+    ref = dataclasses.replace(ref, source=f"{ref.source}; {DEFERRED_NOTE}")
+    report.warnings.extend(w for w in warnings if w not in report.warnings)
+    report.reference = ref.summary()
+    report.architecture = asdict(arch)
+    redo = mapping != plan.mapping or arch != plan.arch
+    if redo:
+        renamed = sorted(k for k in plan.mapping if mapping.get(k) != plan.mapping[k])
+        report.warnings.append(f"torchtitan's adapter or registry decided differently from molgen's table "
+                               f"({len(renamed)} name(s), e.g. {renamed[:3]}); the weights were written again with "
+                               "torchtitan's decision")
+    return dataclasses.replace(plan, arch=arch, reference=ref, mapping=mapping, deferred=False), redo
 
 
 def metadata_checks(plan: ExportPlan, tie: bool | None) -> list[checks.Finding]:

@@ -115,6 +115,7 @@ class WeightStreamer:
         piece_bytes: largest piece read at once.
         cancel: a `cancel.CancelToken`, checked between pieces and cast blocks (`ExportAborted` when requested).
         progress: makes a progress bar for the stream; None: no bar.
+        readers: reader threads (`ExportOptions.reader_threads`).
     """
 
     def __init__(self, source: TensorSource, sources: dict[str, keymap.TensorSource], mapping: dict[str, str],
@@ -122,7 +123,7 @@ class WeightStreamer:
                  arch_heads: tuple[int, int, int],
                  open_writer: Callable[[list[safetensors_writer.PlannedTensor]], safetensors_writer.SafetensorsWriter],
                  counter: read.ByteCounter, piece_bytes: int = stream.DEFAULT_PIECE_BYTES, *,
-                 cancel: CancelToken | None = None, progress: ProgressFactory | None = None):
+                 cancel: CancelToken | None = None, progress: ProgressFactory | None = None, readers: int = 2):
         self.source = source
         self.sources = sources
         self.mapping = mapping
@@ -133,6 +134,7 @@ class WeightStreamer:
         self.piece_bytes = piece_bytes
         self.cancel = cancel
         self.progress = progress
+        self.readers = readers
         self.stats = stream.StreamStats()
         self.caster = Caster()
         self.seconds = {"screen": 0.0, "write": 0.0, "compare": 0.0}
@@ -170,7 +172,7 @@ class WeightStreamer:
 
     def _stream(self, groups):
         return stream.stream_pieces(self.source, groups, self.counter, piece_bytes=self.piece_bytes,
-                                        stats=self.stats, buffers=self._buffers, cancel=self.cancel)
+                                    stats=self.stats, buffers=self._buffers, cancel=self.cancel, readers=self.readers)
 
     def _emit(self, outcome: StreamOutcome, titan_key: str, row_start: int, tensor: torch.Tensor,
               also_counts_for: str | None = None) -> None:

@@ -185,7 +185,8 @@ class Reference:
     """The verifier's TorchTitan model config and where it came from."""
 
     config: Any
-    """A torchtitan `Qwen3Model.Config` (attention backend replaced by causal SDPA)."""
+    """A torchtitan `Qwen3Model.Config` (attention backend replaced by causal SDPA); None until built
+    (`dict_reference`)."""
     source: str
     """Human-readable: which config the reference was built from."""
     fused_qkv: bool
@@ -377,6 +378,38 @@ def build_reference(run, arch, *, checkpoint_fused_qkv: bool) -> Reference:
     _with_sdpa(config)
     return Reference(config, "architecture read off the checkpoint's shapes and the base config.json (the run "
                              "config carries no model config: a custom flavor)", checkpoint_fused_qkv)
+
+
+def can_decide_on_dict(run) -> bool:
+    """Whether `dict_reference` can decide this run without torchtitan: it carries its model config and the
+    installed torchtitan is 0.3 or later (found from its distribution metadata, nothing imported)."""
+    from molgen_export.mapping import titan
+
+    release = titan.parse_version(titan.installed_version() or "")
+    return bool(getattr(run, "titan_model", None)) and release is not None and release >= (0, 3, 0)
+
+
+def dict_reference(run, *, checkpoint_fused_qkv: bool, why: str) -> Reference | None:
+    """The reference decided without importing torchtitan's model code: every field of the run's
+    `model_spec.model` decided and the refused ones raised, as `build_reference` does, but the model config itself
+    (`config`) not built. For the dry run, and for the plan of an export that imports torchtitan while it streams
+    (`pipeline.plan.confirm_plan` builds the whole reference before anything is published).
+
+    Args:
+        why: said after the source in `source` (what builds the rest, and when).
+
+    Returns:
+        The reference, or None when the run carries no model config or the installed torchtitan is older than
+        0.3 (its reference comes from the registry, which needs the import).
+
+    Raises:
+        ConfigError: a refused run setting.
+    """
+    if not can_decide_on_dict(run):
+        return None
+    source = f"{_model_config_file(run).name} (model_spec.model)"
+    decisions = refuse_unexpressible(run.titan_model, source)
+    return Reference(None, f"{source}; {why}", checkpoint_fused_qkv, _rope_scaling(run.titan_model), decisions)
 
 
 def _build_reference_titan021(run, arch, api) -> Reference:

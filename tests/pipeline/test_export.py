@@ -105,6 +105,44 @@ def test_exports_are_byte_identical(demo_run, tmp_path):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
+@pytest.mark.skipif(IS_TITAN021, reason="a 0.2.1 run config names a flavor: planned with torchtitan, not deferred")
+def test_export_plans_on_the_table_and_publishes_only_what_torchtitan_confirms(demo_run, tmp_path):
+    """An export of a 0.3 run is planned while torchtitan imports (names from the table, fields on the run's
+    dict), then confirmed with the adapter, the registry and the whole reference before publishing."""
+    from molgen_export.pipeline import plan as plan_module
+
+    report = export_step(demo_run.steps[0], ExportOptions(output=tmp_path / "out"))
+    assert report.status == "exported" and report.fidelity["passed"]
+    assert "confirm" in report.timings and report.reference["source"].endswith(plan_module.DEFERRED_NOTE)
+    assert not any("written again" in w for w in report.warnings)
+    settings = next(f for f in report.findings if f["name"] == "run_settings")
+    assert plan_module.DEFERRED_NOTE in settings["detail"]
+
+
+@pytest.mark.skipif(IS_TITAN021, reason="a 0.2.1 run config names a flavor: planned with torchtitan, not deferred")
+def test_a_table_that_disagrees_with_the_adapter_is_overruled(demo_run, tmp_path, monkeypatch):
+    """If molgen's name table ever disagrees with the installed adapter (a later torchtitan renaming), the weights
+    are written again with the adapter's names: the export equals one planned with torchtitan from the start."""
+    from molgen_export.mapping import keymap
+
+    step = demo_run.steps[0]
+    good = Path(export_step(step, ExportOptions(output=tmp_path / "good", skip_logits=True)).output_dir)
+    real_table = keymap.map_by_table
+
+    def wrong_table(sources):
+        mapping = real_table(sources)
+        w1, w3 = "layers.1.feed_forward.w1.weight", "layers.1.feed_forward.w3.weight"
+        mapping[w1], mapping[w3] = mapping[w3], mapping[w1]
+        return mapping
+
+    monkeypatch.setattr(keymap, "map_by_table", wrong_table)
+    report = export_step(step, ExportOptions(output=tmp_path / "again"))
+    assert report.fidelity["passed"]
+    assert any("decided differently from molgen's table (2 name(s)" in w and "written again" in w
+               for w in report.warnings)
+    assert (Path(report.output_dir) / "model.safetensors").read_bytes() == (good / "model.safetensors").read_bytes()
+
+
 def test_reexport_replaces_old_export_atomically(demo_run):
     step = demo_run.steps[0]
     out = Path(export_step(step, ExportOptions(skip_logits=True)).output_dir)

@@ -295,15 +295,20 @@ def test_layerwise_export_report(demo_run, monkeypatch):
 # -- the benchmark script --------------------------------------------------------------------------------------
 
 def test_bench_script_smoke(tmp_path):
-    """The benchmark's tiny flavor: builds the TorchTitan layout, runs the three contenders, writes the table."""
+    """The benchmark's tiny flavor: builds the TorchTitan layout, runs the contenders, writes the table."""
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_export.py"), "--flavor", "tiny",
-                           "--workdir", str(tmp_path), "--repeats", "1", "--verify", "--warm"],
+                           "--workdir", str(tmp_path), "--repeats", "1", "--verify", "--warm", "--reader-threads", "1"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tiny float32 |" in proc.stdout and "export / copy" in proc.stdout
+    assert "| tiny float32 -> bfloat16 |" in proc.stdout
+    for ratio in ("skip-logits / streaming reference with sync", "skip-logits / (`cp -r` + sync)",
+                  "verified / skip-logits", "| 1 | "):
+        assert ratio in proc.stdout, ratio
     result = json.loads((tmp_path / "results-tiny.json").read_text())
     assert result["step_bytes"] > 2 * result["model_bytes"]  # the AdamW state is in the step
     assert result["bytes_read"] <= 1.05 * result["model_bytes"]
     assert result["read_paths"] == {"direct": result["read_paths"]["direct"]}
     assert 0 < result["export_peak_rss_mb"] < 4096 and result["copy_wall_s"] > 0 and result["cp_wall_s"] > 0
     assert result["fidelity"]["passed"] and result["verify_logits_s"] > 0 and result["warm_export_s"] > 0
+    assert result["copy_wall_sync_s"] >= result["copy_wall_s"] and result["cp_wall_sync_s"] >= result["cp_wall_s"]
+    assert result["verified_over_skip"] > 0 and result["reader_threads"]["1"]["wall_s"] > 0
