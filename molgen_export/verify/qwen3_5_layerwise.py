@@ -14,6 +14,7 @@ Each token row runs alone (torchtitan's Gated DeltaNet folds a batch into one st
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import time
@@ -144,8 +145,11 @@ def verify_layerwise(titan_config, titan: WeightSource, titan_keys: set[str], hf
                 hf_h[b] = out[0] if isinstance(out, tuple) else out
                 stage.update(titan_h[b], hf_h[b])
             stages.append(stage)
-            titan_model.layers[str(layer)] = torch.nn.Identity()  # this layer's weights go now
+            # this layer's weights go now (collected: the delta-rule and expert patches are bound methods, cycles)
+            titan_model.layers[str(layer)] = torch.nn.Identity()
             hf_model.model.layers[layer] = torch.nn.Identity()
+            del titan_block, hf_layer
+            gc.collect()
             logger.debug("layer %d: max|Δ| %.3g", layer, stage.max_abs_diff)
         titan_norm = titan_model.norm.to_empty(device=device).float()
         titan.fill({"norm.weight": titan_norm.weight.data})

@@ -310,3 +310,48 @@ def test_mapping_probe_catches_a_norm_swap_the_checkpoint_hides(tmp_path, monkey
     assert list(failed) == ["mapping_probe"]  # the logit gate passed: the checkpoint cannot tell q_norm from k_norm
     assert "random weights" in failed["mapping_probe"].detail
     assert not (tmp_path / "swapped" / "step-2-hf").exists()
+
+
+def test_layerwise_gate_holds_one_layer_of_each_side_at_a_time(tmp_path, monkeypatch):
+    """Every weight of each torchtitan block and HF decoder layer the layer-wise gate made real is gone before the
+    next one is made: memory holds one layer of each side, whatever the depth (automatic garbage collection off, so
+    weights kept alive by a reference cycle would be seen)."""
+    import gc
+    import weakref
+
+    from safetensors.torch import save_file
+
+    from molgen_export.verify import qwen3_5_layerwise
+
+    _, config, state = _trained("moe")
+    meta = _save_step(dict(state), tmp_path / "step-2")
+    canonical, _ = _plan(meta)
+    ours, _ = qmap.to_hf_text(dict(state), text_only=True)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file(ours, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    (hf_dir / "config.json").write_text(json.dumps(hf_text_config(config)))
+    made: dict[str, list] = {"titan": [], "hf": []}
+    alive_at_each_make: list[int] = []
+
+    def tracking(side, make):
+        def wrapped(module, prefix, *args):
+            alive_at_each_make.append(sum(r() is not None for layer in made[side] for r in layer))
+            real = make(module, prefix, *args)
+            made[side].append([weakref.ref(p) for p in real.parameters()])  # the weights themselves
+            return real
+        return wrapped
+
+    monkeypatch.setattr(qwen3_5_layerwise, "_real_titan_block",
+                        tracking("titan", qwen3_5_layerwise._real_titan_block))
+    monkeypatch.setattr(qwen3_5_layerwise, "_real_hf_module", tracking("hf", qwen3_5_layerwise._real_hf_module))
+    titan = qwen3_5_stream.titan_weights(meta, canonical, torch.float32)
+    gc.disable()  # no automatic collection: the gate must free each layer itself (its patched forwards are cycles)
+    try:
+        fidelity = qwen3_5_gate.verify_qwen3_5_export(config, titan, hf_dir, params=0, vocab_limit=config.vocab_size,
+                                                      tolerance=RELATIVE_TOLERANCE, mode="layerwise")
+    finally:
+        gc.enable()
+    assert fidelity.passed
+    assert len(made["titan"]) == 4 and len(made["hf"]) == 5  # 4 layers each, and HF's final norm
+    assert alive_at_each_make == [0] * 9
