@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import itertools
 import logging
 import sys
 import types
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"document offsets need batch size 1, got {batch}")
     out = torch.zeros_like(v)
     state = q.new_zeros(batch, heads, key_dim, v.shape[-1])
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         state = q.new_zeros(batch, heads, key_dim, v.shape[-1])
         for t in range(start, end):
             state = state * g[:, t].exp()[..., None, None]
@@ -270,14 +270,14 @@ def _skeleton(model: dict):
     attention = next((layer["attention"] for layer in layers if layer.get("attention")), None)
     delta = next((layer["delta_net"] for layer in layers if layer.get("delta_net")), None)
     rope = {k: v for k, v in (attention or {}).get("rope", {}).items() if k not in ("param_init", "sharding_config")}
-    common = dict(
-        n_layers=n, dim=dim, attn_backend="flex",
-        rope=package.MRoPE.Config(**rope) if rope else package.MRoPE.Config(dim=2, max_seq_len=1, mrope_section=[1, 0, 0]),
-        n_heads=attention["n_heads"] if attention else 1, n_kv_heads=attention["n_kv_heads"] if attention else 1,
-        head_dim=attention["head_dim"] if attention else 2, rotary_dim=attention["rotary_dim"] if attention else 2,
-        n_key_heads=delta["in_proj_q"]["out_features"] // delta["key_head_dim"] if delta else 1,
-        n_value_heads=delta["in_proj_v"]["out_features"] // delta["value_head_dim"] if delta else 1,
-        key_head_dim=delta["key_head_dim"] if delta else 1, value_head_dim=delta["value_head_dim"] if delta else 1)
+    common = {
+        "n_layers": n, "dim": dim, "attn_backend": "flex",
+        "rope": package.MRoPE.Config(**rope) if rope else package.MRoPE.Config(dim=2, max_seq_len=1, mrope_section=[1, 0, 0]),
+        "n_heads": attention["n_heads"] if attention else 1, "n_kv_heads": attention["n_kv_heads"] if attention else 1,
+        "head_dim": attention["head_dim"] if attention else 2, "rotary_dim": attention["rotary_dim"] if attention else 2,
+        "n_key_heads": delta["in_proj_q"]["out_features"] // delta["key_head_dim"] if delta else 1,
+        "n_value_heads": delta["in_proj_v"]["out_features"] // delta["value_head_dim"] if delta else 1,
+        "key_head_dim": delta["key_head_dim"] if delta else 1, "value_head_dim": delta["value_head_dim"] if delta else 1}
     moe = layers[0].get("moe")
     if moe:
         def build(interval):
