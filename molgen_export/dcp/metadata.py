@@ -2,11 +2,11 @@
 
 Nothing else of the step is read here. `.metadata` is a pickle that other people write (a shared cluster, a
 downloaded checkpoint), so it goes through `safe_pickle`, never through Python's unpickler: its globals resolve
-to our own constructors for DCP's metadata dataclasses, `torch.Size`, dtypes, layouts and paths, which build
-fresh objects from plain values (no class object is ever handed to the stream, so nothing can be poisoned).
+to our own constructors for DCP's metadata dataclasses (stand-ins of the same names, `metadata_classes`: DCP itself
+is never imported), `torch.Size`, dtypes, layouts and paths, which build fresh objects from plain values (no class object is ever handed to the stream, so nothing can be poisoned).
 The result is then checked field by field, and every shard path it names must be a plain file name inside
 the step folder (`check_shard_name`) before anything else sees it. `model_ranges_hint` reads the same names
-into inert records, before DCP is even imported, to start the disk early.
+into inert records, to start the disk early.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from molgen_export.dcp import metadata_classes as classes
 from molgen_export.dcp import safe_pickle
 from molgen_export.dcp.discover import METADATA_FILE
+from molgen_export.dcp.metadata_classes import _MEM_FORMAT_ENCODING, TensorProperties
 from molgen_export.errors import CheckpointFormatError, SourceVanishedError, UnsafeCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def _layout(name) -> torch.layout:
     return _LAYOUTS[name]
 
 
-def _dataclass_spec(cls: type, build=None) -> safe_pickle.Class:
+def _dataclass_spec(cls: type, build=None, module: str | None = None) -> safe_pickle.Class:
     """NEWOBJ makes `object.__new__(cls)`; BUILD writes a dict of `cls`'s own field names into that one instance."""
     names = frozenset(f.name for f in dataclasses.fields(cls))
 
@@ -92,19 +94,16 @@ def _dataclass_spec(cls: type, build=None) -> safe_pickle.Class:
                     raise ValueError(f"{cls.__name__} has no field {key!r:.60}")
         obj.__dict__.update(state)
 
-    return safe_pickle.Class(f"{cls.__module__}.{cls.__name__}", lambda: object.__new__(cls), build or build_fields)
+    return safe_pickle.Class(f"{module or cls.__module__}.{cls.__name__}", lambda: object.__new__(cls),
+                             build or build_fields)
 
 
 @functools.cache
 def _metadata_specs() -> dict[tuple[str, str], safe_pickle.Spec]:
-    import importlib
-
-    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, TensorProperties
-
+    """DCP's names -> our stand-ins of its classes (`metadata_classes`): DCP itself is never imported."""
     specs: dict[tuple[str, str], safe_pickle.Spec] = {}
     for module, name in _DCP_CLASSES:
-        cls = getattr(importlib.import_module(module), name)
-        specs[(module, name)] = _dataclass_spec(cls)
+        specs[(module, name)] = _dataclass_spec(classes.CLASSES[(module, name)], module=module)
     encodings = {member.value: member for member in _MEM_FORMAT_ENCODING}
     formats = {_MEM_FORMAT_ENCODING.TORCH_CONTIGUOUS_FORMAT: torch.contiguous_format,
                _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST: torch.channels_last,
@@ -129,7 +128,7 @@ def _metadata_specs() -> dict[tuple[str, str], safe_pickle.Spec]:
             raise ValueError(f"no memory format encoding {value!r:.40}")
         return encodings[value]
 
-    specs[(_DCP, "TensorProperties")] = _dataclass_spec(TensorProperties, build_properties)
+    specs[(_DCP, "TensorProperties")] = _dataclass_spec(TensorProperties, build_properties, module=_DCP)
     specs[(_DCP, "_MEM_FORMAT_ENCODING")] = safe_pickle.Function("_MEM_FORMAT_ENCODING", encoding)
     specs[("torch", "Size")] = safe_pickle.Function("torch.Size", lambda dims: torch.Size(_dims(dims)))
     specs[("torch.serialization", "_get_layout")] = safe_pickle.Function("torch.serialization._get_layout", _layout)
@@ -174,12 +173,9 @@ class _Shape:
     """Checks the unpickled object against what DCP writes, field by field (types, required fields, ranges)."""
 
     def __init__(self, path: Path):
-        from torch.distributed.checkpoint import metadata as dcp
-        from torch.distributed.checkpoint.filesystem import _StorageInfo
-
         self.path = path
-        self.dcp = dcp
-        self.storage_info = _StorageInfo
+        self.dcp = classes
+        self.storage_info = classes._StorageInfo
 
     def bad(self, what: str) -> CheckpointFormatError:
         return CheckpointFormatError(f"{self.path} is not readable DCP metadata: {what}", path=self.path,

@@ -155,7 +155,7 @@ def read_step_metadata(step_dir: Path) -> StepMetadata:
     Raises:
         CheckpointFormatError: the metadata is unreadable, or a chunk has no storage entry.
     """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from molgen_export.dcp.metadata_classes import TensorStorageMetadata
 
     metadata = load_metadata_object(step_dir)
     # one pass over the storage entries (tens of thousands at scale): where each chunk is, where each shard ends
@@ -449,11 +449,13 @@ def _read_with_dcp(meta: StepMetadata, entry: TensorEntry, counter: ByteCounter 
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
+    from molgen_export.dcp.metadata_classes import to_dcp
+
     step_dir = meta.step_dir
 
     class _RestrictedReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            metadata = load_metadata_object(step_dir)
+            metadata = to_dcp(load_metadata_object(step_dir))  # DCP's reader wants its own classes
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

@@ -3,6 +3,7 @@ resolved architecture, and the tokenizer files to copy verbatim."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -118,15 +119,26 @@ def tokenizer_files(base_assets: Path) -> list[Path]:
     return found
 
 
+def _vocab(path: Path) -> dict[str, int]:
+    """Token -> id of a `tokenizer.json`, added tokens included; parsed once per file version (Qwen3's 151k-entry
+    vocabulary takes a few hundred ms, and an export asks twice: its size, then the special tokens' ids)."""
+    stat = path.stat()
+    return _vocab_of(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _vocab_of(path: str, mtime_ns: int, size: int) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path).get_vocab(with_added_tokens=True)
+
+
 def tokenizer_size(base_assets: Path) -> int | None:
     """Number of token ids the tokenizer can produce (vocabulary plus added tokens), or None if unknown."""
     path = base_assets / "tokenizer.json"
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(path))
-    ids = set(tokenizer.get_vocab(with_added_tokens=True).values())
+    ids = set(_vocab(path).values())
     return max(ids) + 1 if ids else 0
 
 
@@ -136,10 +148,8 @@ def special_token_ids(base_assets: Path) -> dict[str, int | None]:
     vocab_path = base_assets / "tokenizer.json"
     if not config_path.is_file() or not vocab_path.is_file():
         return {}
-    from tokenizers import Tokenizer
-
     config = json.loads(config_path.read_text())
-    vocab = Tokenizer.from_file(str(vocab_path)).get_vocab(with_added_tokens=True)
+    vocab = _vocab(vocab_path)
     ids = {}
     for role in ("bos", "eos", "pad"):
         token = config.get(f"{role}_token")
