@@ -63,6 +63,8 @@ def import_in_background() -> None:
     import sys
     import threading
 
+    if installed.cache_info().currsize:  # imported by an earlier export of this process (a watcher's)
+        return
     interval = sys.getswitchinterval()
 
     def run() -> None:
