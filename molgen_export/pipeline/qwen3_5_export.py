@@ -240,8 +240,9 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
             where = f"; first divergence: {r.first_divergence}" if r.first_divergence else ""
             findings.append(checks.Finding(
                 "logits", r.passed, f"max|Δ| {r.max_abs_diff:.3g} (limit {r.tolerance:.3g}), top-1 agreement "
-                                    f"{r.top1_agreement:.4f} over {r.tokens} tokens ({r.mode}){where}; torchtitan's "
-                                    f"qwen3_5 modules with the delta rule of {fidelity.delta_rule_op}"))
+                                    f"{r.top1_agreement:.4f} over {r.tokens} tokens{qwen3_5_gate.routing_text(r)} "
+                                    f"({r.mode}){where}; torchtitan's qwen3_5 modules with the delta rule of "
+                                    f"{fidelity.delta_rule_op}"))
             check_cancel(cancel, "mapping probe")
             with timer.stage("verify_probe"):
                 figures = qwen3_5_probe.run_probe(titan_config, hf_config, export_dtype, tolerance=tolerance,
@@ -253,7 +254,9 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
                 f"random weights (norms in [0.25, 2.5]) through the same map, layers {figures['layers']}, "
                 f"{figures['vocab']} vocab rows{experts}: "
                 f"max|Δ| {figures['max_abs_diff']:.3g} (limit {figures['tolerance']:.3g}), "
-                f"top-1 {figures['top1_agreement']:.4f}"))
+                f"top-1 {figures['top1_agreement']:.4f}"
+                + (f", same experts {figures['routing_agreement']:.4f}" if figures["routing_agreement"] is not None
+                   else "")))
         report.findings = [f.to_json() for f in findings]
         checks.raise_on_failures(findings, meta.label)
         report.output_bytes = sum((temp_dir / name).stat().st_size for name in files)

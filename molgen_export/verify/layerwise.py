@@ -47,6 +47,14 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _architecture(hf_dir: Path) -> str:
+    """The class `config.json` names (`Qwen3ForCausalLM`, `Qwen3_5MoeForCausalLM`, ...), else `the HF model`."""
+    try:
+        return json.loads((hf_dir / "config.json").read_text())["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "the HF model"
+
+
 class HFWeights:
     """The written folder's tensors, read where their safetensors headers say, in row blocks into the caller's
     tensors.
@@ -59,13 +67,15 @@ class HFWeights:
         VerificationError: a tensor is missing from the files or has another shape.
     """
 
-    def __init__(self, hf_dir: Path):
+    def __init__(self, hf_dir: Path, *, model_class: str | None = None):
+        """`model_class` names the model in error messages; None: the folder's `config.json` `architectures`."""
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
             files = json.loads(index.read_text())["weight_map"]
         else:
             files = {key: "model.safetensors" for key in self._header(hf_dir / "model.safetensors")[1]}
         self.hf_dir = hf_dir
+        self.model_class = model_class or _architecture(hf_dir)
         self.files = files
         self._headers: dict[str, tuple[int, dict]] = {}
         self._local = threading.local()
@@ -81,8 +91,9 @@ class HFWeights:
     def _locate(self, key: str) -> tuple[Path, torch.dtype, tuple[int, ...], int]:
         name = self.files.get(key)
         if name is None:
-            raise VerificationError(f"the exported files in {self.hf_dir} lack `{key}`, which Qwen3ForCausalLM needs",
-                                    hint="the export does not match Qwen3ForCausalLM; this is a bug, please report it")
+            raise VerificationError(f"the exported files in {self.hf_dir} lack `{key}`, which {self.model_class} "
+                                    "needs", hint=f"the export does not match {self.model_class}; this is a bug, "
+                                                  "please report it")
         if name not in self._headers:
             self._headers[name] = self._header(self.hf_dir / name)
         data_start, header = self._headers[name]
@@ -113,7 +124,8 @@ class HFWeights:
         for key, target in targets.items():
             path, dtype, shape, begin = self._locate(key)
             if shape != tuple(target.shape):
-                raise VerificationError(f"`{key}` in {self.hf_dir} is {list(shape)}, Qwen3 needs {list(target.shape)}",
+                raise VerificationError(f"`{key}` in {self.hf_dir} is {list(shape)}, {self.model_class} needs "
+                                        f"{list(target.shape)}",
                                         hint="the export does not match its config.json; this is a bug, please report it")
             rows = shape[0] if shape else 1
             row_bytes = max(1, target.numel() // max(1, rows)) * dtype.itemsize

@@ -6,7 +6,10 @@ rule as the Qwen3 gate.
 (`gate.WHOLE_MODEL_MAX_PARAMS`; MoE too, since a Qwen3.5 MoE is never small enough to hold twice): small models
 whole (`verify_qwen3_5_logits`: the whole reference against `AutoModelForCausalLM` on the folder), bigger ones
 layer by layer (`qwen3_5_layerwise`: one block of each side at a time, the first divergent layer named). Either
-way the torchtitan side is the run's own model config with the checkpoint's bytes, never our mapping.
+way the torchtitan side is the run's own model config with the checkpoint's bytes, never our mapping. For MoE,
+as on Qwen3, the experts each MoE layer chooses are compared too (torchtitan's `TokenChoiceTopKRouter` against
+HF's `Qwen3_5MoeTopKRouter`, `logit_gate.RoutingRecorder`): the worst layer's share of tokens routed to the same
+experts is `routing_agreement`, and below `logit_gate.ROUTING_MIN_AGREEMENT` the gate fails.
 """
 
 from __future__ import annotations
@@ -76,13 +79,17 @@ def verify_qwen3_5_logits(titan_config, titan_state: dict[str, torch.Tensor], hf
                                                     device=device)
     hf_model = logit_gate.load_hf_model(hf_dir, device)
     tokens = [logit_gate.fixed_token_batch(vocab_limit, batch=batch, length=length)]
-    result = logit_gate.compare_logits(_TitanLogits(model), hf_model, tokens, vocab_limit, tolerance=tolerance,
-                                       device=device)
+    with logit_gate.RoutingRecorder(model, hf_model) as routing:  # MoE: torchtitan's routers vs HF's gates
+        result = logit_gate.compare_logits(_TitanLogits(model), hf_model, tokens, vocab_limit, tolerance=tolerance,
+                                           device=device)
+    if routing.layers:
+        result = routing.apply(result)
     on_fla = not imported.fla_placeholders and str(device).startswith("cuda")
     fidelity = Qwen35Fidelity(result, "fla" if on_fla else qwen3_5_reference.DELTA_RULE_OP,
                               imported.fla_placeholders)
-    logger.info("qwen3_5 logits: max|Δ| %.3g (limit %.3g) top-1 %.4f over %d tokens; delta rule %s",
-                result.max_abs_diff, result.tolerance, result.top1_agreement, result.tokens, fidelity.delta_rule_op)
+    logger.info("qwen3_5 logits: max|Δ| %.3g (limit %.3g) top-1 %.4f over %d tokens%s; delta rule %s",
+                result.max_abs_diff, result.tolerance, result.top1_agreement, result.tokens,
+                routing_text(result), fidelity.delta_rule_op)
     return fidelity
 
 
@@ -134,18 +141,29 @@ def _with_model_only(titan_config, titan_state: dict[str, torch.Tensor]) -> dict
     return filled
 
 
+def routing_text(result: logit_gate.FidelityResult) -> str:
+    """`, same experts chosen for X of tokens (worst MoE layer; 0.9 the least allowed)`; empty for a dense model."""
+    if result.routing_agreement is None:
+        return ""
+    return (f", same experts chosen for {result.routing_agreement:.4f} of tokens (worst MoE layer; "
+            f"{logit_gate.ROUTING_MIN_AGREEMENT} the least allowed)")
+
+
 def require_passed(fidelity: Qwen35Fidelity, hf_dir: Path) -> None:
     """Raise when the gate failed, with the figures.
 
     Raises:
-        VerificationError: max|Δ| beyond the tolerance (or NaN).
+        VerificationError: max|Δ| beyond the tolerance (or NaN), or a MoE layer whose experts chosen agree for
+            fewer than `logit_gate.ROUTING_MIN_AGREEMENT` of the tokens.
     """
     r = fidelity.result
     if not r.passed:
         where = f"; first divergence: {r.first_divergence}" if r.first_divergence else ""
-        raise VerificationError(f"the exported Qwen3.5 folder {hf_dir} computes other logits than torchtitan's "
-                                f"qwen3_5: max|Δ| {r.max_abs_diff:.3g} > {r.tolerance:.3g}, top-1 agreement "
-                                f"{r.top1_agreement:.3f} over {r.tokens} tokens ({r.mode}{where}; delta rule: "
-                                f"{fidelity.delta_rule_op})",
+        relation = ">" if not r.max_abs_diff <= r.tolerance else "<="
+        raise VerificationError(f"the exported Qwen3.5 folder {hf_dir} computes other logits or routes to other "
+                                f"experts than torchtitan's qwen3_5: max|Δ| {r.max_abs_diff:.3g} {relation} "
+                                f"{r.tolerance:.3g}, top-1 agreement {r.top1_agreement:.3f} over {r.tokens} tokens"
+                                f"{routing_text(r)} ({r.mode}{where}; delta rule: {fidelity.delta_rule_op})",
                                 hint="the key map or a tensor layout is wrong (e.g. the torchtitan 0.3.0 adapter's "
-                                     "expert layout); nothing should be published")
+                                     "expert layout, or router gate rows out of expert order); nothing should be "
+                                     "published")

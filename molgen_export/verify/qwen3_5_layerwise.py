@@ -7,7 +7,8 @@ export dtype, through the caller's `WeightSource`), the HF decoder layer from th
 (`layerwise.HFWeights`). Each side carries its own hidden states from its own embedding rows; they are compared
 after every layer and as logits at the end (the head in row blocks), so memory holds one layer of each side and the
 first layer where the two diverge is named. Each layer's type (Gated DeltaNet or gated full attention, dense MLP
-or MoE) comes from its own config on each side.
+or MoE) comes from its own config on each side. In a MoE layer the experts torchtitan's router and HF's gate choose
+(each on its own side's layer input) are compared too, as the whole-model gate does (`logit_gate.RoutingRecorder`).
 
 Each token row runs alone (torchtitan's Gated DeltaNet folds a batch into one stream without document offsets).
 """
@@ -32,7 +33,11 @@ from molgen_export.verify.layerwise import (
     _Diff,
     _params,
 )
-from molgen_export.verify.logit_gate import FidelityResult
+from molgen_export.verify.logit_gate import (
+    ROUTING_MIN_AGREEMENT,
+    FidelityResult,
+    RoutingRecorder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +103,9 @@ def verify_layerwise(titan_config, titan: WeightSource, titan_keys: set[str], hf
         device: where the layers run (on CUDA with `fla` installed, torchtitan's own kernels run).
 
     Returns:
-        A `FidelityResult` with `mode="layerwise"`, per-stage figures (`embedding`, `layer N`) and the first stage
-        beyond tolerance (or `logits`).
+        A `FidelityResult` with `mode="layerwise"`, per-stage figures (`embedding`, `layer N`), the first stage
+        beyond tolerance (or `logits`), and for MoE the per-layer routing agreement and its worst (`passed` is
+        False below `ROUTING_MIN_AGREEMENT`).
 
     Raises:
         VerificationError: the files lack a tensor or have a wrong shape; the checkpoint lacks a block tensor.
@@ -120,6 +126,7 @@ def verify_layerwise(titan_config, titan: WeightSource, titan_keys: set[str], hf
     pure_torch = importlib.util.find_spec("fla") is None or not str(device).startswith("cuda")
     rotary = type(hf_model.model.rotary_emb)(hf_config).to(device)
     stages: list[_Diff] = []
+    routing: list[dict] = []
     with torch.no_grad():
         ids = sorted({int(i) for batch in batches for i in batch.reshape(-1).tolist()})
         titan_rows = {i: titan.rows("tok_embeddings.weight", i, i + 1)[0].to(device=device, dtype=torch.float32)
@@ -139,16 +146,20 @@ def verify_layerwise(titan_config, titan: WeightSource, titan_keys: set[str], hf
                                             device, pure_torch)
             hf_layer = _real_hf_module(hf_model.model.layers[layer], f"model.layers.{layer}.", hf, device)
             stage = _Diff(f"layer {layer}")
-            for b in range(len(batches)):
-                titan_h[b] = titan_block(titan_h[b], None, positions[b])
-                out = hf_layer(hf_h[b], position_embeddings=rope[b], attention_mask=None, position_ids=positions[b])
-                hf_h[b] = out[0] if isinstance(out, tuple) else out
-                stage.update(titan_h[b], hf_h[b])
+            # MoE: the experts torchtitan's router and HF's gate choose, each on its own side's layer input
+            with RoutingRecorder(titan_block, hf_layer) as recorder:
+                for b in range(len(batches)):
+                    titan_h[b] = titan_block(titan_h[b], None, positions[b])
+                    out = hf_layer(hf_h[b], position_embeddings=rope[b], attention_mask=None,
+                                   position_ids=positions[b])
+                    hf_h[b] = out[0] if isinstance(out, tuple) else out
+                    stage.update(titan_h[b], hf_h[b])
+            routing += [{**figures, "moe_layer": len(routing), "layer": layer} for figures in recorder.layers]
             stages.append(stage)
             # this layer's weights go now (collected: the delta-rule and expert patches are bound methods, cycles)
             titan_model.layers[str(layer)] = torch.nn.Identity()
             hf_model.model.layers[layer] = torch.nn.Identity()
-            del titan_block, hf_layer
+            del titan_block, hf_layer, recorder
             gc.collect()
             logger.debug("layer %d: max|Δ| %.3g", layer, stage.max_abs_diff)
         titan_norm = titan_model.norm.to_empty(device=device).float()
@@ -166,10 +177,14 @@ def verify_layerwise(titan_config, titan: WeightSource, titan_keys: set[str], hf
     if first is None and logits["max_abs_diff"] > limit:
         first = "logits"
     tokens = sum(b.numel() for b in batches)
-    logger.info("qwen3_5 layer-wise verification: %d layers in %.1f s%s", n_layers, time.perf_counter() - began,
-                f"; first divergence: {first}" if first else "")
+    worst = min((r["same_experts"] for r in routing), default=None)
+    logger.info("qwen3_5 layer-wise verification: %d layers in %.1f s%s%s", n_layers, time.perf_counter() - began,
+                f"; first divergence: {first}" if first else "",
+                f"; same experts for {worst:.4f} of tokens (worst MoE layer)" if worst is not None else "")
     return FidelityResult(max_abs_diff=logits["max_abs_diff"],
                           mean_abs_diff=logits["sum_abs_diff"] / max(1, logits["count"]),
                           top1_agreement=logits["agree"] / max(1, tokens), logit_scale=logits["scale"],
                           tolerance=limit, tokens=tokens, sequences=sum(b.shape[0] for b in batches), device=device,
-                          passed=first is None, mode="layerwise", stages=layers, first_divergence=first)
+                          passed=first is None and (worst is None or worst >= ROUTING_MIN_AGREEMENT),
+                          mode="layerwise", stages=layers, first_divergence=first, routing=routing,
+                          routing_agreement=worst)

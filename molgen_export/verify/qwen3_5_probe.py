@@ -97,7 +97,8 @@ def run_probe(titan_config, hf_config: dict, dtype: torch.dtype, *, tolerance: f
         whole: keep every layer (small models) instead of one of each kind.
 
     Returns:
-        Figures for the report: layers, vocab, experts, tokens, max|Δ|, tolerance, top-1, passed.
+        Figures for the report: layers, vocab, experts, tokens, max|Δ|, tolerance, top-1, routing agreement (the
+        worst MoE layer's share of tokens sent to the same experts; None for a dense model), passed.
 
     Raises:
         VerificationError: the mapped probe does not load (missing, unexpected or mismatched keys).
@@ -132,12 +133,17 @@ def run_probe(titan_config, hf_config: dict, dtype: torch.dtype, *, tolerance: f
                   metadata={"format": "pt"})
         hf_model = logit_gate.load_hf_model(Path(folder), device)
     tokens = torch.randint(0, vocab, (2, 16), generator=generator)
-    result = logit_gate.compare_logits(qwen3_5_gate._TitanLogits(titan_model), hf_model, [tokens], vocab,
-                                       tolerance=tolerance, device=device)
+    with logit_gate.RoutingRecorder(titan_model, hf_model) as routing:  # MoE: a permuted gate routes elsewhere
+        result = logit_gate.compare_logits(qwen3_5_gate._TitanLogits(titan_model), hf_model, [tokens], vocab,
+                                           tolerance=tolerance, device=device)
+    if routing.layers:
+        result = routing.apply(result)
     figures = {"layers": layers, "vocab": vocab, "experts": experts, "tokens": result.tokens,
                "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
-               "top1_agreement": result.top1_agreement, "passed": result.passed}
-    logger.info("qwen3_5 mapping probe: layers %s, max|Δ| %.3g (limit %.3g), top-1 %.4f", layers,
-                result.max_abs_diff, result.tolerance, result.top1_agreement)
+               "top1_agreement": result.top1_agreement, "routing_agreement": result.routing_agreement,
+               "passed": result.passed}
+    logger.info("qwen3_5 mapping probe: layers %s, max|Δ| %.3g (limit %.3g), top-1 %.4f%s", layers,
+                result.max_abs_diff, result.tolerance, result.top1_agreement,
+                f", same experts {result.routing_agreement:.4f}" if result.routing_agreement is not None else "")
     return figures
 

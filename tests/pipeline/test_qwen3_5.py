@@ -38,9 +38,9 @@ def _tiny_config(moe: bool, vocab: int = VOCAB):
     from torchtitan.models.common import Embedding, Linear
 
     rope = TITAN.MRoPE.Config(dim=8, max_seq_len=64, theta=10_000.0, mrope_section=[2, 1, 1])
-    common = dict(rope=rope, attn_backend="flex", n_layers=4, dim=DIM, n_heads=4, n_kv_heads=2, head_dim=16,
-                  rotary_dim=8, n_key_heads=2, n_value_heads=4, key_head_dim=16, value_head_dim=8,
-                  full_attention_interval=2)  # linear, full, linear, full
+    common = {"rope": rope, "attn_backend": "flex", "n_layers": 4, "dim": DIM, "n_heads": 4, "n_kv_heads": 2,
+              "head_dim": 16, "rotary_dim": 8, "n_key_heads": 2, "n_value_heads": 4, "key_head_dim": 16,
+              "value_head_dim": 8, "full_attention_interval": 2}  # linear, full, linear, full
     if moe:
         layers = TITAN._build_qwen35_moe_layers(moe_hidden_dim=MOE_FFN, num_experts=EXPERTS, top_k=2,
                                                 shared_expert_hidden_dim=24, **common)
@@ -73,7 +73,7 @@ def _train_two_steps(config) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained(kind: str):
     config = _tiny_config(kind == "moe")
     return kind, config, _train_two_steps(config)
@@ -190,7 +190,7 @@ def test_dcp_save_reads_back_through_molgen_dcp_read(run, tmp_path):
 
     from molgen_export.dcp.read import read_step_metadata
 
-    kind, config, state = run
+    kind, _, state = run
     step_dir = tmp_path / "step-2"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -357,7 +357,7 @@ def test_export_step_of_a_qwen3_5_run_is_verified_and_published(kind, tmp_path):
     from molgen_export.options import ExportOptions
     from molgen_export.pipeline.export import export_step
 
-    step_dir, job_config, config = _qwen3_5_run(tmp_path, kind == "moe")
+    step_dir, job_config, _ = _qwen3_5_run(tmp_path, kind == "moe")
     options = ExportOptions(config=job_config, output=tmp_path / "out", dtype="float32", drop_vision_tower=True)
     planned = export_step(step_dir, ExportOptions(**{**options.__dict__, "dry_run": True}))
     assert planned.status == "planned" and not (tmp_path / "out").exists()
@@ -370,6 +370,15 @@ def test_export_step_of_a_qwen3_5_run_is_verified_and_published(kind, tmp_path):
     assert report.fidelity["mode"] == "whole"  # small models keep the whole-model gate
     assert report.fidelity["probe"]["passed"] and report.fidelity["probe"]["layers"] == [0, 1, 2, 3]
     assert report.fidelity["delta_rule_op"] == ref.DELTA_RULE_OP
+    logits = next(f for f in report.findings if f["name"] == "logits")
+    if kind == "moe":  # torchtitan's router and HF's gate chose the same experts for every token of every layer
+        assert report.fidelity["routing_agreement"] == 1.0 and len(report.fidelity["routing"]) == 4
+        assert all(layer["tokens"] == 64 for layer in report.fidelity["routing"])
+        assert "same experts chosen for 1.0000 of tokens (worst MoE layer" in logits["detail"]
+        assert report.fidelity["probe"]["routing_agreement"] >= 0.9
+    else:
+        assert report.fidelity["routing_agreement"] is None and "same experts" not in logits["detail"]
+        assert report.fidelity["probe"]["routing_agreement"] is None
     assert any("vision-tower" in w for w in report.warnings)
     assert any("hidden_size: base 4096, run 64" in w for w in report.warnings)
     hf_dir = Path(report.output_dir)

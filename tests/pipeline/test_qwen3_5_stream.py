@@ -2,7 +2,7 @@
 on CPU with the pure-torch delta rule, saved with DCP): the streamed files are byte-identical to writing the fused
 tensors whole, a process streaming a ~100 MB checkpoint grows by a few pieces, not by the model; the layer-wise gate
 passes a good export, names the first layer whose written weights were corrupted, and refuses the torchtitan 0.3.0
-adapter's expert layout.
+adapter's expert layout; both gates compare MoE routing and refuse router gate rows out of expert order.
 """
 
 from __future__ import annotations
@@ -221,6 +221,12 @@ def test_layerwise_gate_passes_a_good_export_and_names_the_first_corrupted_layer
     assert report.verify_bytes_read > 0  # the reference read the checkpoint again
     logits = next(f for f in report.findings if f["name"] == "logits")
     assert "(layerwise)" in logits["detail"]
+    if kind == "moe":  # each layer's router on each side's own layer input: the same experts for every token
+        assert fidelity["routing_agreement"] == 1.0
+        assert [r["layer"] for r in fidelity["routing"]] == [0, 1, 2, 3]
+        assert "same experts chosen for 1.0000 of tokens" in logits["detail"]
+    else:
+        assert fidelity["routing_agreement"] is None and fidelity["routing"] == []
     assert fidelity["probe"]["passed"] and fidelity["probe"]["layers"] == [0, 1]  # one layer of each kind
 
     # layer 2 (Gated DeltaNet) corrupted in the written files: layers 0 and 1 still agree, layer 2 is named
@@ -276,6 +282,54 @@ def test_layerwise_gate_refuses_the_030_adapter_expert_layout(tmp_path, monkeypa
     with pytest.raises(VerificationError, match=r"first divergence: layer 0") as caught:
         qwen3_5_gate.require_passed(refused, tmp_path / "adapter")
     assert "expert layout" in caught.value.hint
+
+
+@pytest.mark.parametrize("mode", ["whole", "layerwise"])
+def test_router_gate_rows_of_two_experts_swapped_are_refused_on_routing(mode, tmp_path, monkeypatch):
+    """Layer 0's router gate rows for experts 0 and 1 swapped in the written file: HF sends those tokens to the
+    other expert, the logits move far beyond tolerance and the worst layer's routing agreement (layer 0) falls
+    below `ROUTING_MIN_AGREEMENT`; both figures are in the refusal. With the two experts' weights swapped as well
+    (experts renumbered), the logits agree within tolerance and only the routing comparison refuses the export."""
+    from safetensors.torch import save_file
+
+    from molgen_export.errors import VerificationError
+    from molgen_export.verify.logit_gate import ROUTING_MIN_AGREEMENT
+
+    _, config, state = _trained("moe")
+    meta = _save_step(dict(state), tmp_path / "step-2")
+    canonical, _ = _plan(meta)
+    titan = qwen3_5_stream.titan_weights(meta, canonical, torch.float32)
+    ours, _ = qmap.to_hf_text(dict(state), text_only=True)
+    swap = [1, 0, *range(2, ours["model.layers.0.mlp.gate.weight"].shape[0])]
+    gate_swapped = {**ours, "model.layers.0.mlp.gate.weight": ours["model.layers.0.mlp.gate.weight"][swap]}
+    renumbered = {**gate_swapped, **{k: ours[k][swap] for k in ("model.layers.0.mlp.experts.gate_up_proj",
+                                                                "model.layers.0.mlp.experts.down_proj")}}
+    if mode == "layerwise":
+        _force_layerwise(monkeypatch)
+    results = {}
+    for name, hf_sd in (("gate_swapped", gate_swapped), ("renumbered", renumbered)):
+        hf_dir = tmp_path / name
+        hf_dir.mkdir()
+        save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(hf_dir / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (hf_dir / "config.json").write_text(json.dumps(hf_text_config(config)))
+        results[name] = qwen3_5_gate.verify_qwen3_5_export(config, titan, hf_dir, params=sum(
+            v.numel() for v in hf_sd.values()), vocab_limit=config.vocab_size, tolerance=RELATIVE_TOLERANCE)
+    for name, fidelity in results.items():
+        r = fidelity.result
+        assert r.mode == mode and not r.passed, name
+        assert r.routing_agreement < ROUTING_MIN_AGREEMENT, name
+        assert r.routing[0]["same_experts"] == r.routing_agreement  # layer 0 is the worst
+        with pytest.raises(VerificationError, match=r"same experts chosen for 0\.\d+ of tokens") as caught:
+            qwen3_5_gate.require_passed(fidelity, tmp_path / name)
+        assert "router gate rows" in caught.value.hint
+    swapped, renumbered_r = results["gate_swapped"].result, results["renumbered"].result
+    assert swapped.max_abs_diff > swapped.tolerance  # the logits fail too: other experts compute those tokens
+    assert renumbered_r.max_abs_diff <= renumbered_r.tolerance  # the same logits: routing alone refuses
+    assert renumbered_r.first_divergence is None
+    print(f"{mode}: gate rows swapped: routing {swapped.routing_agreement:.4f}, max|Δ| {swapped.max_abs_diff:.3g}; "
+          f"renumbered: routing {renumbered_r.routing_agreement:.4f}, max|Δ| {renumbered_r.max_abs_diff:.3g} "
+          f"(limit {renumbered_r.tolerance:.3g})")
 
 
 def test_mapping_probe_catches_a_norm_swap_the_checkpoint_hides(tmp_path, monkeypatch):
@@ -355,3 +409,19 @@ def test_layerwise_gate_holds_one_layer_of_each_side_at_a_time(tmp_path, monkeyp
     assert fidelity.passed
     assert len(made["titan"]) == 4 and len(made["hf"]) == 5  # 4 layers each, and HF's final norm
     assert alive_at_each_make == [0] * 9
+
+
+def test_hf_weights_names_the_model_the_folder_is_for(tmp_path):
+    """A tensor missing from a Qwen3.5 folder is named with the class its config.json gives, not Qwen3's."""
+    from safetensors.torch import save_file
+
+    from molgen_export.errors import VerificationError
+    from molgen_export.verify.layerwise import HFWeights
+
+    save_file({"model.norm.weight": torch.ones(4)}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5MoeForCausalLM"]}))
+    with pytest.raises(VerificationError, match=r"lack `lm_head\.weight`, which Qwen3_5MoeForCausalLM needs") as caught:
+        HFWeights(tmp_path).fill({"lm_head.weight": torch.empty(4)})
+    assert "Qwen3_5MoeForCausalLM" in caught.value.hint and "Qwen3ForCausalLM" not in str(caught.value)
+    with pytest.raises(VerificationError, match=r"is \[4\], Qwen3_5MoeForCausalLM needs \[5\]"):
+        HFWeights(tmp_path).fill({"model.norm.weight": torch.empty(5)})
