@@ -258,8 +258,21 @@ def copy_plan(step_dir: Path) -> tuple[list, int]:
     return plan, meta.model_bytes
 
 
+COLD = {"what": "all"}
+"""What `drop_caches` evicts: `all` (the whole page cache, Python's own files included: a first run on a node) or
+`step` (only the step folder's files: a node that has run Python before, as a watcher's or a launcher's has)."""
+
+
 def drop_caches() -> bool:
     os.sync()
+    if COLD["what"] == "step":
+        for path in Path(COLD["step_dir"]).iterdir():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return True
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
@@ -398,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the export with each of these reader thread counts, e.g. 1,2,4")
     parser.add_argument("--warm", action="store_true",
                         help="also time an export in a process that already exported once (a watcher's cost)")
+    parser.add_argument("--cold", choices=("all", "step"), default="all",
+                        help="before each run evict the whole page cache (default) or only the step folder's files")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint afterwards")
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -418,9 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     plan_file = workdir / "copy-plan-ranges.json"
     plan_file.write_text(json.dumps(prepared["plan"]))
     step_bytes = sum(p.stat().st_size for p in step_dir.iterdir())
+    COLD.update(what=args.cold, step_dir=str(step_dir))
     dropped = drop_caches()
     log(f"step folder {step_bytes / 1e9:.2f} GB, model bytes {model_bytes / 1e9:.2f} GB; page cache "
-        f"{'dropped before each run' if dropped else 'NOT dropped (not permitted)'}")
+        f"{('dropped' if args.cold == 'all' else 'of the step folder dropped') if dropped else 'NOT dropped'} "
+        "before each run")
 
     runs: dict[str, list[dict]] = {"export": [], "verified": [], "warm": [], "copy": [], "cp": []}
     threads = [int(t) for t in args.reader_threads.split(",")] if args.reader_threads else []
@@ -468,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {os.cpu_count()} CPUs, "
                    f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "page_cache_dropped": dropped,
+        "cold": args.cold,
         "repeats": args.repeats,
         "step_bytes": step_bytes, "model_bytes": model_bytes, "bytes_read": last["bytes_read"],
         "read_ratio": last["bytes_read"] / model_bytes, "read_paths": last["read_paths"],
@@ -503,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                        verify_logits_s=verify_s, verify_ratio=verify_s / max(1e-9, verify_wall - verify_s),
                        verified_over_skip=verify_wall / export_wall,
                        verify_timings=verified[-1]["timings"], fidelity=verified[-1]["fidelity"])
-    (workdir / f"results-{args.flavor}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (workdir / f"results-{args.flavor}{'' if args.cold == 'all' else '-cold-step'}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(markdown(summary))
     if args.clean:
         shutil.rmtree(step_dir)

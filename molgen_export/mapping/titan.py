@@ -49,6 +49,7 @@ def installed_version() -> str | None:
         return None
 
 
+_import_started = False
 IMPORT_SWITCH_INTERVAL = 0.0002
 """`sys.setswitchinterval` while torchtitan imports in the background (Python's default is 0.005 s)."""
 
@@ -62,17 +63,24 @@ def import_in_background() -> None:
     """
     import sys
     import threading
+    import time
 
-    if installed.cache_info().currsize:  # imported by an earlier export of this process (a watcher's)
+    global _import_started
+    if installed.cache_info().currsize or _import_started:  # imported, or importing, for an earlier export
         return
+    _import_started = True
     interval = sys.getswitchinterval()
 
     def run() -> None:
+        global _import_started
+        began = time.perf_counter()
         try:
             installed()
-        except Exception:  # raised again, with its message, by the caller's own installed()
+            logger.info("torchtitan imported in the background in %.2f s", time.perf_counter() - began)
+        except Exception:  # noqa: BLE001 - raised again, with its message, by the caller's own installed()
             installed.cache_clear()
         finally:
+            _import_started = False
             sys.setswitchinterval(interval)
 
     # The import holds the interpreter lock almost always; the streaming thread needs it for a moment between

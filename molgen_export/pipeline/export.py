@@ -190,11 +190,28 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
         return qwen3_5_export.export_qwen3_5_step(step_dir, qwen3_5_run, options, report, output_dir, cancel=cancel,
                                                   publish_step=publish_step)
 
+    defer = not options.dry_run and _decides_on_dict(step_dir, options)
+    if defer:  # torchtitan's ~2 s of imports run beside the fingerprint, the plan and the stream
+        from molgen_export.mapping import titan
+
+        titan.import_in_background()
+
     def plan_export(timer: Timer) -> ExportPlan:
         fingerprint = report.source_fingerprint = source_fingerprint(step_dir)  # counted in `total`, as planning is
-        return plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint, defer=True)
+        return plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint, defer=defer)
 
     return export_source(report, options, output_dir, plan_export, cancel=cancel, progress=progress)
+
+
+def _decides_on_dict(step_dir: Path, options: ExportOptions) -> bool:
+    """Whether the plan can be made without torchtitan (`reference.can_decide_on_dict`); False when the run config
+    cannot be read (planning then says why)."""
+    from molgen_export.verify import reference
+
+    try:
+        return reference.can_decide_on_dict(run_config.load_run_config(step_dir.parent, options.config))
+    except (MolgenExportError, OSError, ValueError):
+        return False
 
 
 def qwen3_5_run_config(step_dir: Path, options: ExportOptions) -> run_config.RunConfig | None:

@@ -66,8 +66,8 @@ def plan_dcp_step(step_dir: Path, options: ExportOptions, report: ExportReport, 
     """Plan the export of a DCP step folder: read the run config and `.metadata` (the shards are prefetched
     meanwhile unless it is a dry run), then `plan_source`.
 
-    With `defer` (an export in this process), torchtitan is imported on a thread while the plan is made and the
-    weights stream, and the plan leaves what needs it to `confirm_plan` (see `plan_source`).
+    With `defer` (an export in this process, which has started importing torchtitan on a thread:
+    `titan.import_in_background`), the plan leaves what needs torchtitan to `confirm_plan` (see `plan_source`).
     """
     if not options.dry_run:  # the disk starts on the model bytes while we import and plan
         read.prefetch_step(step_dir)
@@ -76,10 +76,6 @@ def plan_dcp_step(step_dir: Path, options: ExportOptions, report: ExportReport, 
     with timer.stage("metadata"):
         meta = read.read_step_metadata(step_dir)
     defer = defer and not options.dry_run and reference.can_decide_on_dict(run)
-    if defer:  # after `.metadata`, whose parse imports DCP: two threads never import the same modules at once
-        from molgen_export.mapping import titan
-
-        titan.import_in_background()
     return plan_source(meta, run, options, report, timer, fingerprint=fingerprint, defer=defer)
 
 
@@ -200,9 +196,8 @@ def confirm_plan(plan: ExportPlan, report: ExportReport, timer: Timer) -> tuple[
     with timer.stage("confirm"):
         fused = plan.reference.fused_qkv
         arch, ref, mapping, warnings = _settle(plan.meta, plan.run, plan.sources, plan.base_config, fused, None)
-    ref = dataclasses.replace(ref, source=f"{ref.source}; {DEFERRED_NOTE}")
     report.warnings.extend(w for w in warnings if w not in report.warnings)
-    report.reference = ref.summary()
+    report.reference = {**ref.summary(), "planned": DEFERRED_NOTE}  # the model card stays as a plan with torchtitan's
     report.architecture = asdict(arch)
     redo = mapping != plan.mapping or arch != plan.arch
     if redo:

@@ -55,7 +55,8 @@ class ExportReport:
     architecture: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)
     """What the verifier's TorchTitan model was built from, and how many run-config fields were mapped, required
-    or irrelevant (see `reference.RULES`)."""
+    or irrelevant (see `reference.RULES`); `planned` says when the plan was made before torchtitan was imported
+    and confirmed with it (`plan.confirm_plan`)."""
     findings: list[dict] = field(default_factory=list)
     fidelity: dict | None = None
     warnings: list[str] = field(default_factory=list)

@@ -266,7 +266,7 @@ def test_every_export_option_can_be_set_through_the_yaml_and_reaches_the_export(
 
     chosen = {"output": "exports", "layout": "sibling", "dtype": "float32", "hf_assets": "assets",
               "max_shard_size": "1MB", "skip_logits": False, "logits_atol": 0.002, "device": "cpu", "force": True,
-              "allow_expert_bias_drop": True, "threads": 1, "poll": "off", "retries": 0, "retry_backoff": 1.0,
+              "allow_expert_bias_drop": True, "drop_vision_tower": True, "threads": 1, "reader_threads": 1, "poll": "off", "retries": 0, "retry_backoff": 1.0,
               "locked_recheck": 2.0, "rescan": 60.0, "nice": 0, "on_export": None, "on_export_timeout": 60.0,
               "grace": 0.0}
     section = {f.name for f in fields(launch.ExportSection)} - {"enabled", "preflight"}
