@@ -208,6 +208,23 @@ class _Diff:
                 "passed": self.max_abs_diff <= self.limit(tolerance)}
 
 
+def embed_both(titan: WeightSource, hf: HFWeights, batches: list[torch.Tensor], device: str
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], _Diff]:
+    """Each side's hidden states after the embedding, from its own rows (each id's row read once, float32), and
+    the `embedding` stage comparing them."""
+    ids = sorted({int(i) for batch in batches for i in batch.reshape(-1).tolist()})
+    titan_rows = {i: titan.rows("tok_embeddings.weight", i, i + 1)[0].to(device=device, dtype=torch.float32)
+                  for i in ids}
+    hf_rows = {i: hf.rows("model.embed_tokens.weight", i, i + 1)[0].to(device=device, dtype=torch.float32)
+               for i in ids}
+    titan_h = [torch.stack([titan_rows[int(i)] for i in b.reshape(-1)]).reshape(*b.shape, -1) for b in batches]
+    hf_h = [torch.stack([hf_rows[int(i)] for i in b.reshape(-1)]).reshape(*b.shape, -1) for b in batches]
+    stage = _Diff("embedding")
+    for t, h in zip(titan_h, hf_h):
+        stage.update(t, h)
+    return titan_h, hf_h, stage
+
+
 def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches: list[torch.Tensor], *, tie: bool,
                      vocab_limit: int, tolerance: float, device: str = "cpu", reference=None):
     """Compare the TorchTitan model (weights from `titan`) with the written folder, one layer at a time.
@@ -256,16 +273,7 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
     stages: list[_Diff] = []
     with torch.no_grad(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="molgen-verify") as pool:
         pending = pool.submit(load, 0, 0)
-        ids = sorted({int(i) for batch in batches for i in batch.reshape(-1).tolist()})
-        titan_rows = {i: titan.rows("tok_embeddings.weight", i, i + 1)[0].to(device=device, dtype=torch.float32)
-                      for i in ids}
-        hf_rows = {i: hf.rows("model.embed_tokens.weight", i, i + 1)[0].to(device=device, dtype=torch.float32)
-                   for i in ids}
-        titan_h = [torch.stack([titan_rows[int(i)] for i in b.reshape(-1)]).reshape(*b.shape, -1) for b in batches]
-        hf_h = [torch.stack([hf_rows[int(i)] for i in b.reshape(-1)]).reshape(*b.shape, -1) for b in batches]
-        stage = _Diff("embedding")
-        for t, h in zip(titan_h, hf_h):
-            stage.update(t, h)
+        titan_h, hf_h, stage = embed_both(titan, hf, batches, device)
         stages.append(stage)
         rotary = Qwen3RotaryEmbedding(hf_config).to(device)
         positions = [torch.arange(b.shape[1], device=device).unsqueeze(0).expand(b.shape[0], -1) for b in batches]

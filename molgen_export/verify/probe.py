@@ -84,6 +84,14 @@ def _checkpoint_names(plan, layers: list[int]) -> dict[str, str]:
     return names
 
 
+def probe_figures(result, layers: list[int], vocab: int, experts: int | None) -> dict:
+    """The report's `fidelity.probe` figures of a probe's comparison (`logit_gate.FidelityResult`)."""
+    return {"layers": layers, "vocab": vocab, "experts": experts, "tokens": result.tokens,
+            "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
+            "top1_agreement": result.top1_agreement, "routing_agreement": result.routing_agreement,
+            "passed": result.passed}
+
+
 def run_probe(plan, hf_config: dict, *, tie: bool, tolerance: float, whole: bool, device: str = "cpu") -> dict:
     """Run the export's mapping on random weights and compare TorchTitan with HF on them.
 
@@ -172,10 +180,7 @@ def run_probe(plan, hf_config: dict, *, tie: bool, tolerance: float, whole: bool
         result = logit_gate.compare_logits(titan_model, hf_model, [tokens], vocab, tolerance=tolerance, device=device)
     if routing.layers:
         result = routing.apply(result)
-    figures = {"layers": layers, "vocab": vocab, "experts": experts, "tokens": result.tokens,
-               "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
-               "top1_agreement": result.top1_agreement, "routing_agreement": result.routing_agreement,
-               "passed": result.passed}
+    figures = probe_figures(result, layers, vocab, experts)
     logger.info("mapping probe: layers %s, max|Δ| %.3g (limit %.3g), top-1 %.4f%s", layers, result.max_abs_diff,
                 result.tolerance, result.top1_agreement,
                 f", routing {result.routing_agreement:.3f}" if result.routing_agreement is not None else "")

@@ -32,6 +32,7 @@ from molgen_export.verify.layerwise import (
     _compare_head,
     _Diff,
     _params,
+    embed_both,
 )
 from molgen_export.verify.logit_gate import (
     ROUTING_MIN_AGREEMENT,
@@ -128,16 +129,7 @@ def verify_layerwise(titan_config, titan: WeightSource, titan_keys: set[str], hf
     stages: list[_Diff] = []
     routing: list[dict] = []
     with torch.no_grad():
-        ids = sorted({int(i) for batch in batches for i in batch.reshape(-1).tolist()})
-        titan_rows = {i: titan.rows("tok_embeddings.weight", i, i + 1)[0].to(device=device, dtype=torch.float32)
-                      for i in ids}
-        hf_rows = {i: hf.rows("model.embed_tokens.weight", i, i + 1)[0].to(device=device, dtype=torch.float32)
-                   for i in ids}
-        titan_h = [torch.stack([titan_rows[int(i)] for i in b.reshape(-1)]).reshape(*b.shape, -1) for b in batches]
-        hf_h = [torch.stack([hf_rows[int(i)] for i in b.reshape(-1)]).reshape(*b.shape, -1) for b in batches]
-        stage = _Diff("embedding")
-        for t, h in zip(titan_h, hf_h):
-            stage.update(t, h)
+        titan_h, hf_h, stage = embed_both(titan, hf, batches, device)
         stages.append(stage)
         positions = [torch.arange(b.shape[1], device=device).unsqueeze(0).expand(b.shape[0], -1) for b in batches]
         rope = [rotary(h, p) for h, p in zip(hf_h, positions)]

@@ -25,7 +25,12 @@ import torch
 from molgen_export.mapping import qwen3_5 as qmap
 from molgen_export.mapping.qwen3_5_config import TOKEN_ID_FIELDS
 from molgen_export.verify import logit_gate, qwen3_5_gate, qwen3_5_reference
-from molgen_export.verify.probe import PROBE_EXPERTS, PROBE_SEED, PROBE_VOCAB
+from molgen_export.verify.probe import (
+    PROBE_EXPERTS,
+    PROBE_SEED,
+    PROBE_VOCAB,
+    probe_figures,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +143,7 @@ def run_probe(titan_config, hf_config: dict, dtype: torch.dtype, *, tolerance: f
                                            tolerance=tolerance, device=device)
     if routing.layers:
         result = routing.apply(result)
-    figures = {"layers": layers, "vocab": vocab, "experts": experts, "tokens": result.tokens,
-               "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
-               "top1_agreement": result.top1_agreement, "routing_agreement": result.routing_agreement,
-               "passed": result.passed}
+    figures = probe_figures(result, layers, vocab, experts)
     logger.info("qwen3_5 mapping probe: layers %s, max|Δ| %.3g (limit %.3g), top-1 %.4f%s", layers,
                 result.max_abs_diff, result.tolerance, result.top1_agreement,
                 f", same experts {result.routing_agreement:.4f}" if result.routing_agreement is not None else "")
