@@ -157,7 +157,7 @@ def _peak_growth(step_dir: Path, out_dir: Path, mode: str) -> dict:
 def test_streaming_a_100mb_checkpoint_grows_the_process_by_pieces_not_by_the_model(tmp_path):
     """A fresh process streams a ~100 MB float32 MoE checkpoint (expert tensors of 8 MB, read in 1 MB pieces) to
     bfloat16: its peak resident memory (VmHWM, reset just before) grows by a few MB; the same process reading
-    the model whole grows by more than the model. Measured on Linux through /proc/self/status."""
+    the model whole grows by most of the model. Measured on Linux through /proc/self/status."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     from torchtitan.models.common import Embedding, Linear
@@ -192,7 +192,9 @@ def test_streaming_a_100mb_checkpoint_grows_the_process_by_pieces_not_by_the_mod
     streamed_growth, whole_growth = streamed["peak"] - streamed["base"], whole["peak"] - whole["base"]
     print(f"peak RSS growth: streaming {streamed_growth / 1e6:.1f} MB, whole {whole_growth / 1e6:.1f} MB, "
           f"model {meta.model_bytes / 1e6:.1f} MB")
-    assert whole_growth > meta.model_bytes  # the measurement sees a model held in memory
+    # the measurement sees a model held in memory (CI measured 0.89x the model's bytes: the whole path casts and
+    # lets go of tensors as it goes, so not all of it is resident at the peak)
+    assert whole_growth > 0.6 * meta.model_bytes
     assert streamed_growth < 32e6, streamed_growth  # 3 pooled 1 MB pieces, a 1 MB cast buffer, small items
 
 
