@@ -29,6 +29,7 @@ from molgen_export.pipeline.plan import (DTYPES, ExportPlan, check_expert_bias, 
 from molgen_export.pipeline.report import REPORT_FILE, ExportReport, model_card, options_record, versions  # noqa: F401
 from molgen_export.pipeline.timing import Timer
 from molgen_export.verify import gate, logit_gate
+from molgen_export.verify.logit_gate import MOE_TOLERANCE_FACTOR
 from molgen_export.hf import config_files
 from molgen_export.verify import probe
 from molgen_export.mapping import run_config
@@ -40,8 +41,6 @@ from molgen_export.errors import MolgenExportError, OutputError, VerificationErr
 
 logger = logging.getLogger(__name__)
 
-MOE_TOLERANCE_FACTOR = 2
-"""The logit tolerance for Qwen3 MoE exports is this many times `logits_atol` (see `finish_export`)."""
 
 
 def source_fingerprint(step_dir: Path) -> str:

@@ -106,7 +106,6 @@ def run_probe(plan, hf_config: dict, *, tie: bool, tolerance: float, whole: bool
         Figures for the report: layers, vocab, experts, max|Δ|, top-1, routing agreement, passed.
     """
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
     from molgen_export.verify import logit_gate
 
