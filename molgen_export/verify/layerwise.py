@@ -225,6 +225,17 @@ def embed_both(titan: WeightSource, hf: HFWeights, batches: list[torch.Tensor], 
     return titan_h, hf_h, stage
 
 
+def stage_figures(stages: list[_Diff], logits: dict, tolerance: float) -> tuple[list[dict], str | None, float]:
+    """The stages' report figures, the first stage beyond tolerance (`logits` when only they are), and the logit
+    limit (`tolerance` scaled by the logits' size)."""
+    layers = [s.to_json(tolerance) for s in stages]
+    first = next((s["name"] for s in layers if not s["passed"]), None)
+    limit = tolerance * max(1.0, logits["scale"])
+    if first is None and logits["max_abs_diff"] > limit:
+        first = "logits"
+    return layers, first, limit
+
+
 def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches: list[torch.Tensor], *, tie: bool,
                      vocab_limit: int, tolerance: float, device: str = "cpu", reference=None):
     """Compare the TorchTitan model (weights from `titan`) with the written folder, one layer at a time.
@@ -304,11 +315,7 @@ def verify_layerwise(arch: Qwen3Arch, titan: WeightSource, hf_dir: Path, batches
         logits = _compare_head(titan, hf, titan_n, hf_n, vocab_limit, device, arch,
                                titan_head="tok_embeddings.weight" if tie else "lm_head.weight",
                                hf_head="model.embed_tokens.weight" if hf_config.tie_word_embeddings else "lm_head.weight")
-    layers = [s.to_json(tolerance) for s in stages]
-    first = next((s["name"] for s in layers if not s["passed"]), None)
-    limit = tolerance * max(1.0, logits["scale"])
-    if first is None and logits["max_abs_diff"] > limit:
-        first = "logits"
+    layers, first, limit = stage_figures(stages, logits, tolerance)
     tokens = sum(b.numel() for b in batches)
     logger.info("layer-wise verification: %d layers in %.1f s%s", arch.n_layers, time.perf_counter() - began,
                 f"; first divergence: {first}" if first else "")

@@ -33,6 +33,7 @@ from molgen_export.verify.layerwise import (
     _Diff,
     _params,
     embed_both,
+    stage_figures,
 )
 from molgen_export.verify.logit_gate import (
     ROUTING_MIN_AGREEMENT,
@@ -163,11 +164,7 @@ def verify_layerwise(titan_config, titan: WeightSource, titan_keys: set[str], hf
         logits = _compare_head(titan, hf, titan_n, hf_n, vocab_limit, device,
                                types.SimpleNamespace(dim=hf_config.hidden_size),
                                titan_head="lm_head.weight", hf_head=hf_head)
-    layers = [s.to_json(tolerance) for s in stages]
-    first = next((s["name"] for s in layers if not s["passed"]), None)
-    limit = tolerance * max(1.0, logits["scale"])
-    if first is None and logits["max_abs_diff"] > limit:
-        first = "logits"
+    layers, first, limit = stage_figures(stages, logits, tolerance)
     tokens = sum(b.numel() for b in batches)
     worst = min((r["same_experts"] for r in routing), default=None)
     logger.info("qwen3_5 layer-wise verification: %d layers in %.1f s%s%s", n_layers, time.perf_counter() - began,
