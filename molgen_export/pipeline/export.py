@@ -11,7 +11,6 @@ One skeleton serves every tensor source: `export_source` (plan, metadata checks,
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -181,15 +180,16 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
     output_dir = output_dir_for(step_dir, options)
     report = ExportReport(step=info.step, step_dir=str(step_dir), output_dir=str(output_dir), versions=versions(),
                           options=options_record(options))
-    qwen3_5_run = qwen3_5_run_config(step_dir, options)
-    if qwen3_5_run is not None:  # TorchTitan's qwen3_5 family: its own map, config and logit gate
+    run = _readable_run_config(step_dir, options)  # read once; None: planning reads it again and says why
+    if _is_qwen3_5(run):  # TorchTitan's qwen3_5 family: its own map, config and logit gate
         from molgen_export.pipeline import qwen3_5_export
 
         report.source_fingerprint = source_fingerprint(step_dir)
-        return qwen3_5_export.export_qwen3_5_step(step_dir, qwen3_5_run, options, report, output_dir, cancel=cancel,
+        return qwen3_5_export.export_qwen3_5_step(step_dir, run, options, report, output_dir, cancel=cancel,
                                                   publish_step=publish_step)
+    from molgen_export.verify import reference
 
-    defer = not options.dry_run and _decides_on_dict(step_dir, options)
+    defer = not options.dry_run and run is not None and reference.can_decide_on_dict(run)
     if defer:  # torchtitan's ~2 s of imports run beside the fingerprint, the plan and the stream
         from molgen_export.mapping import titan
 
@@ -197,32 +197,30 @@ def _export_step(step_dir: Path, options: ExportOptions, cancel: CancelToken | N
 
     def plan_export(timer: Timer) -> ExportPlan:
         fingerprint = report.source_fingerprint = source_fingerprint(step_dir)  # counted in `total`, as planning is
-        return plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint, defer=defer)
+        return plan_dcp_step(step_dir, options, report, timer, fingerprint=fingerprint, run=run, defer=defer)
 
     return export_source(report, options, output_dir, plan_export, cancel=cancel, progress=progress)
 
 
-def _decides_on_dict(step_dir: Path, options: ExportOptions) -> bool:
-    """Whether the plan can be made without torchtitan (`reference.can_decide_on_dict`); False when the run config
-    cannot be read (planning then says why)."""
-    from molgen_export.verify import reference
-
+def _readable_run_config(step_dir: Path, options: ExportOptions) -> run_config.RunConfig | None:
+    """The step's run config, or None when it cannot be read (the Qwen3 planner then reports why)."""
     try:
-        return reference.can_decide_on_dict(run_config.load_run_config(step_dir.parent, options.config))
+        return run_config.load_run_config(step_dir.parent, options.config)
     except (MolgenExportError, OSError, ValueError):
-        return False
+        return None
+
+
+def _is_qwen3_5(run: run_config.RunConfig | None) -> bool:
+    from molgen_export.mapping import qwen3_5
+
+    return run is not None and run.model_name is not None and qwen3_5.is_qwen3_5(run.model_name, ())
 
 
 def qwen3_5_run_config(step_dir: Path, options: ExportOptions) -> run_config.RunConfig | None:
     """The run config when it names TorchTitan's qwen3_5 family, else None (also when it cannot be read: the
     Qwen3 path then reports that as it always has)."""
-    from molgen_export.mapping import qwen3_5
-
-    try:
-        run = run_config.load_run_config(step_dir.parent, options.config)
-    except (MolgenExportError, OSError, ValueError):
-        return None
-    return run if run.model_name is not None and qwen3_5.is_qwen3_5(run.model_name, ()) else None
+    run = _readable_run_config(step_dir, options)
+    return run if _is_qwen3_5(run) else None
 
 
 def export_source(report: ExportReport, options: ExportOptions, output_dir: Path,
@@ -334,9 +332,6 @@ def export_planned(plan: ExportPlan, output_dir: Path, *, options: ExportOptions
             for leftover in temp_dir.iterdir():
                 leftover.unlink()
             written = write_weights(settled, temp_dir)
-        elif settled is not plan:
-            written = dataclasses.replace(written, findings=[
-                _settled_finding(settled, f) for f in written.findings])
         finish_export(settled, written, options=options, report=report, timer=timer, temp_dir=temp_dir,
                       cancel=cancel)
         report.warnings.extend(written.report_notes)
@@ -346,13 +341,6 @@ def export_planned(plan: ExportPlan, output_dir: Path, *, options: ExportOptions
     if report.status == "exported":
         logger.info("%s exported to %s in %.2f s", plan.meta.label, output_dir, report.timings["total"])
     return report
-
-
-def _settled_finding(plan: ExportPlan, finding: checks.Finding) -> checks.Finding:
-    """The run-settings finding of a settled plan in place of its deferred plan's (the others stay)."""
-    if finding.name != "run_settings":
-        return finding
-    return next(f for f in metadata_checks(plan, None) if f.name == "run_settings")
 
 
 def publish_step(key, output_dir: Path, build: Callable[[Path], None], *, options: ExportOptions,

@@ -62,9 +62,9 @@ class ExportPlan:
 
 
 def plan_dcp_step(step_dir: Path, options: ExportOptions, report: ExportReport, timer: Timer, *,
-                  fingerprint: str = "", defer: bool = False) -> ExportPlan:
-    """Plan the export of a DCP step folder: read the run config and `.metadata` (the shards are prefetched
-    meanwhile unless it is a dry run), then `plan_source`.
+                  fingerprint: str = "", run: run_config.RunConfig | None = None, defer: bool = False) -> ExportPlan:
+    """Plan the export of a DCP step folder: read the run config (unless the caller has: `run`) and `.metadata`
+    (the shards are prefetched meanwhile unless it is a dry run), then `plan_source`.
 
     With `defer` (an export in this process, which has started importing torchtitan on a thread:
     `titan.import_in_background`), the plan leaves what needs torchtitan to `confirm_plan` (see `plan_source`).
@@ -72,11 +72,11 @@ def plan_dcp_step(step_dir: Path, options: ExportOptions, report: ExportReport, 
     if not options.dry_run:  # the disk starts on the model bytes while we import and plan
         read.prefetch_step(step_dir)
     with timer.stage("config"):
-        run = run_config.load_run_config(step_dir.parent, options.config)
+        run = run or run_config.load_run_config(step_dir.parent, options.config)
     with timer.stage("metadata"):
         meta = read.read_step_metadata(step_dir)
-    defer = defer and not options.dry_run and reference.can_decide_on_dict(run)
-    return plan_source(meta, run, options, report, timer, fingerprint=fingerprint, defer=defer)
+    return plan_source(meta, run, options, report, timer, fingerprint=fingerprint,
+                       defer=defer and not options.dry_run)
 
 
 DRY_RUN_NOTE = ("dry run: each field decided on the run's dict and names from molgen's table of the adapter's "
@@ -139,7 +139,7 @@ def plan_source(meta: TensorSource, run: run_config.RunConfig, options: ExportOp
         ref = None
         if options.dry_run or defer:
             ref = reference.dict_reference(run, checkpoint_fused_qkv=fused,
-                                           why=DRY_RUN_NOTE if options.dry_run else DEFERRED_NOTE)
+                                           why=DRY_RUN_NOTE if options.dry_run else None)
         arch, ref, mapping, warnings = _settle(meta, run, sources, base_config, fused, ref)
     report.key_rules = rules
     report.warnings.extend(warnings)

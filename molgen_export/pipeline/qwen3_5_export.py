@@ -206,7 +206,8 @@ def export_qwen3_5_step(step_dir: Path, run, options: ExportOptions, report: Exp
 
             by_hf = {t.hf_key: t for t in plan.tensors}
             outcome = qwen3_5_stream.stream_text_model(meta, canonical, plan, export_dtype, open_writer, counter,
-                                                       cancel=cancel, before_close=before_close)
+                                                       cancel=cancel, before_close=before_close,
+                                                       readers=options.reader_threads)
             planned, files = outcome.planned, list(outcome.files)
             report.bytes_read = counter.bytes
             report.read_paths = dict(sorted(counter.paths.items()))

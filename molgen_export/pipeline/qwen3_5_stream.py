@@ -60,7 +60,8 @@ def stream_text_model(source: TensorSource, canonical: dict[str, str], plan: qma
                                             safetensors_writer.SafetensorsWriter],
                       counter: read.ByteCounter, *, piece_bytes: int = stream.DEFAULT_PIECE_BYTES,
                       cast_bytes: int = weight_stream.CAST_BYTES, cancel: CancelToken | None = None,
-                      before_close: Callable[[Qwen35StreamOutcome], None] | None = None) -> Qwen35StreamOutcome:
+                      before_close: Callable[[Qwen35StreamOutcome], None] | None = None,
+                      readers: int = 2) -> Qwen35StreamOutcome:
     """Write every HF tensor of `plan` from the checkpoint's pieces, each part straight to its place.
 
     Args:
@@ -75,6 +76,7 @@ def stream_text_model(source: TensorSource, canonical: dict[str, str], plan: qma
         cancel: checked between pieces and blocks (`ExportAborted`).
         before_close: runs after the last write and before the files are fsynced (raise there to refuse: e.g. on
             NaN/Inf); the writer is aborted then.
+        readers: reader threads (`ExportOptions.reader_threads`).
 
     Returns:
         The planned tensors, the files written (the index among them when sharded), the NaN/Inf counts.
@@ -101,7 +103,7 @@ def stream_text_model(source: TensorSource, canonical: dict[str, str], plan: qma
             groups = stream.plan_requests(source, stream.disk_order(source, [t[0] for t in targets]), piece_bytes)
             where = {t[0]: t[1:] for t in targets}
             with closing(stream.stream_pieces(source, groups, counter, piece_bytes=piece_bytes, stats=stats,
-                                              buffers=buffers, cancel=cancel)) as pieces:
+                                              buffers=buffers, cancel=cancel, readers=readers)) as pieces:
                 for (piece,) in pieces:
                     hf_key, dim, offset = where[piece.fqn]
                     _write_piece(writer, outcome, caster, piece, hf_key, shapes[hf_key], dim, offset, dtype, cancel)
@@ -127,11 +129,10 @@ def _write_piece(writer: safetensors_writer.SafetensorsWriter, outcome: Qwen35St
     itemsize = dtype.itemsize
     for row_offset, block in caster.blocks(piece.tensor, dtype):
         check_cancel(cancel, f"writing {hf_key}")
-        if checks.any_nonfinite(block):
-            nan, inf = checks.count_nonfinite(block)
-            if nan or inf:
-                before = outcome.nonfinite.get(hf_key, (0, 0))
-                outcome.nonfinite[hf_key] = (before[0] + nan, before[1] + inf)
+        found = checks.nonfinite_in(block)
+        if found is not None:
+            before = outcome.nonfinite.get(hf_key, (0, 0))
+            outcome.nonfinite[hf_key] = (before[0] + found[0], before[1] + found[1])
         first_row = piece.row_start + row_offset
         if dim is None or dim == 0:
             # the part's rows [first_row, +n) are the HF tensor's rows [offset + first_row, +n)

@@ -183,12 +183,12 @@ class WeightStreamer:
         for offset, block in self.caster.blocks(tensor, self.dtype):
             check_cancel(self.cancel, f"writing {hf_key}")
             began = time.perf_counter()
-            if checks.any_nonfinite(block):
-                nan, inf = checks.count_nonfinite(block)
+            found = checks.nonfinite_in(block)
+            if found is not None:
                 for key in (titan_key, also_counts_for):
-                    if key is not None and (nan or inf):
+                    if key is not None:
                         before = outcome.nonfinite.get(key, (0, 0))
-                        outcome.nonfinite[key] = (before[0] + nan, before[1] + inf)
+                        outcome.nonfinite[key] = (before[0] + found[0], before[1] + found[1])
             screened = time.perf_counter()
             writer.write_part(hf_key, (row_start + offset) * row_bytes, block)
             self.seconds["screen"] += screened - began

@@ -175,6 +175,15 @@ def any_nonfinite(tensor: torch.Tensor) -> bool:
     return not bool(torch.isfinite(tensor.sum()))
 
 
+def nonfinite_in(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(NaN count, Inf count) of a tensor that holds any, else None: the one-reduction screen, then the exact
+    count only when it fires (the streams' hot path)."""
+    if not any_nonfinite(tensor):
+        return None
+    counts = count_nonfinite(tensor)
+    return counts if any(counts) else None
+
+
 def count_nonfinite(tensor: torch.Tensor) -> tuple[int, int]:
     """(NaN count, Inf count) of a floating tensor."""
     if not tensor.is_floating_point():

@@ -389,14 +389,15 @@ def can_decide_on_dict(run) -> bool:
     return bool(getattr(run, "titan_model", None)) and release is not None and release >= (0, 3, 0)
 
 
-def dict_reference(run, *, checkpoint_fused_qkv: bool, why: str) -> Reference | None:
+def dict_reference(run, *, checkpoint_fused_qkv: bool, why: str | None = None) -> Reference | None:
     """The reference decided without importing torchtitan's model code: every field of the run's
     `model_spec.model` decided and the refused ones raised, as `build_reference` does, but the model config itself
     (`config`) not built. For the dry run, and for the plan of an export that imports torchtitan while it streams
     (`pipeline.plan.confirm_plan` builds the whole reference before anything is published).
 
     Args:
-        why: said after the source in `source` (what builds the rest, and when).
+        why: said after the source in `source` (the dry run: what builds the rest). None: `source` is the one
+            `build_reference` gives, so the run-settings finding is the same once the reference is built.
 
     Returns:
         The reference, or None when the run carries no model config or the installed torchtitan is older than
@@ -409,7 +410,8 @@ def dict_reference(run, *, checkpoint_fused_qkv: bool, why: str) -> Reference | 
         return None
     source = f"{_model_config_file(run).name} (model_spec.model)"
     decisions = refuse_unexpressible(run.titan_model, source)
-    return Reference(None, f"{source}; {why}", checkpoint_fused_qkv, _rope_scaling(run.titan_model), decisions)
+    return Reference(None, f"{source}; {why}" if why else source, checkpoint_fused_qkv,
+                     _rope_scaling(run.titan_model), decisions)
 
 
 def _build_reference_titan021(run, arch, api) -> Reference:
